@@ -1,0 +1,62 @@
+"""Batch assembly and batch-size policy: pure functions, no Ray, no model.
+
+The Serve side (`@serve.batch`) decides *which* requests share a batch; this module decides how
+their items become one padded tensor pair, how outputs go back to their requests, and how large a
+batch the device memory allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from app.schemas import ModelInput
+
+
+@dataclass
+class BatchEntry:
+    """One request's chunk as it waits in the batch queue."""
+
+    inputs: ModelInput
+    arrived_s: float  # time.perf_counter() when the replica received it
+
+
+def count_items(entries: Sequence[BatchEntry]) -> int:
+    """`batch_size_fn` for @serve.batch: a multi-item request counts fully.
+
+    Must never raise: an exception here hangs Serve's batch loop (ray #66140).
+    """
+    total = 0
+    for e in entries:
+        try:
+            total += len(e.inputs)
+        except Exception:  # noqa: BLE001 - a malformed entry counts as one item rather than wedging the loop
+            total += 1
+    return total
+
+
+def collate(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists to the longest row: ([B, L] ids, [B, L] mask), both int64."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def split_rows(outputs: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    if outputs.shape[0] != sum(sizes):
+        raise RuntimeError(f"runner returned {outputs.shape[0]} rows for {sum(sizes)} items")
+    return list(torch.split(outputs, list(sizes)))
+
+
+def max_batch_size_from_memory(free_bytes: int, per_sample_bytes: int, cap: int, headroom: float = 0.8) -> int:
+    """The seed formula: floor(free memory x 0.8 / per-sample bytes), at least 1, at most `cap`."""
+    if per_sample_bytes <= 0:
+        return cap
+    return max(1, min(cap, math.floor(free_bytes * headroom / per_sample_bytes)))

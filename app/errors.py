@@ -1,0 +1,40 @@
+"""Errors that carry their HTTP status, so the ingress maps them without a lookup table."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "type": self.error_type}
+
+
+class InvalidInput(ServingError):
+    status_code = 400
+    error_type = "invalid_input"
+
+
+class ModelNotFound(ServingError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class PayloadTooLarge(ServingError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class Overloaded(ServingError):
+    status_code = 503
+    error_type = "overloaded"
+
+
+class ModelFailure(ServingError):
+    status_code = 500
+    error_type = "model_failure"

@@ -1,0 +1,1 @@
+"""Execution backends behind one interface: local (one device), DeepSpeed TP, Fairscale PP."""

@@ -1,0 +1,34 @@
+"""The ModelRunner seam: everything a model server needs from an execution backend.
+
+A runner takes padded token tensors for a whole batch and returns one float32 CPU tensor of
+outputs with the same number of rows. It knows nothing of HTTP, requests or Serve.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class ModelRunner(ABC):
+    strategy: str = "?"
+
+    @abstractmethod
+    def start(self) -> None:
+        """Load weights onto the runner's devices. Called once, before any infer()."""
+
+    @abstractmethod
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] int64 ids and mask -> [B, D] float32 on the CPU. Must return exactly B rows."""
+
+    def check_health(self) -> None:
+        """Raise if the runner can no longer serve (a dead rank, a lost device)."""
+
+    def shutdown(self) -> None:
+        """Release devices and worker processes."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Facts for GET /v1/models: strategy, devices, dtype, output width."""

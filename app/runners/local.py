@@ -1,0 +1,56 @@
+"""One model on one device (CUDA when present, else CPU); data parallelism comes from Serve replicas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from app.config import ModelSpec
+from app.models.loader import build_backbone, resolve_device, resolve_dtype, wrap_head
+from app.runners.base import ModelRunner
+
+
+class LocalRunner(ModelRunner):
+    strategy = "replicated"
+
+    def __init__(self, spec: ModelSpec, vocab_size: int):
+        self.spec = spec
+        self.vocab_size = vocab_size
+        self.device = resolve_device(spec)
+        self.dtype = resolve_dtype(spec, self.device)
+        self.model: torch.nn.Module | None = None
+        self.output_dim: int | None = None
+
+    def start(self) -> None:
+        model = wrap_head(self.spec, build_backbone(self.spec, self.vocab_size))
+        self.model = model.to(device=self.device, dtype=self.dtype)
+        probe = torch.ones(1, 4, dtype=torch.long)
+        self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
+
+    @torch.inference_mode()
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None, "start() was not called"
+        non_blocking = self.device.type == "cuda"
+        ids = input_ids.to(self.device, non_blocking=non_blocking)
+        mask = attention_mask.to(self.device, non_blocking=non_blocking)
+        return self.model(ids, mask).float().cpu()
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def shutdown(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "devices": [str(self.device)],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "output_dim": self.output_dim,
+        }

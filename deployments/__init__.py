@@ -1,0 +1,1 @@
+"""The only Serve deployment classes of the project, and the application builder."""

@@ -1,0 +1,154 @@
+"""One model behind one `@serve.batch` method.
+
+Requests arrive already validated by the ingress; here they queue for a batch, are tokenised
+together, run through the runner on a worker thread (so the event loop keeps collecting the next
+batch), and their rows go back to their callers. A batch that raises is bisected so that one bad
+item fails alone and its batch-mates still get answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from ray import serve
+
+from app.batching import BatchEntry, collate, count_items, split_rows
+from app.config import BatchingConfig, ModelSpec
+from app.errors import InvalidInput, ModelFailure, ServingError
+from app.models.loader import build_config, check_vocab, load_tokenizer
+from app.models.tokenize import TextEncoder
+from app.runners.factory import make_runner
+from app.schemas import InferenceResult, ModelInput
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _ChunkResult:
+    outputs: np.ndarray
+    batch_size: int
+    queue_wait_ms: float
+
+
+class ModelServer:
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        threads = spec.deployment.torch_threads or os.cpu_count() or 1
+        # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; say explicitly what we want.
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        tokenizer = load_tokenizer(spec)
+        self.encoder = TextEncoder(tokenizer, spec.max_seq_len)
+        self.model_vocab = int(build_config(spec, self.encoder.vocab_size).vocab_size)
+        check_vocab(spec, self.encoder.vocab_size, self.model_vocab)
+        self.runner = make_runner(spec, self.encoder.vocab_size)
+        self.runner.start()
+        self._batching = spec.batching
+        self._executor = ThreadPoolExecutor(max_workers=spec.batching.max_concurrent_batches)
+        self._batched = self._make_batcher(spec.batching)
+        logger.info(
+            "model %s ready in %.1fs: %s, batching %s, torch threads %d",
+            spec.name, time.perf_counter() - t0, self.runner.describe(), self._batching.model_dump(), threads,
+        )
+
+    # ------------------------------------------------------------------ Serve hooks
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live retune of batching from `user_config` (applies to every replica, no restart)."""
+        try:
+            cfg = BatchingConfig.model_validate(user_config or {})
+        except ValidationError as e:
+            raise ValueError(f"user_config for model {self.spec.name!r}: {e}") from None
+        old = self._batching
+        self._batching = cfg
+        if cfg.max_concurrent_batches != old.max_concurrent_batches:
+            # Serve has no setter for it: a fresh batcher takes new requests; the old queue drains.
+            self._executor = ThreadPoolExecutor(max_workers=cfg.max_concurrent_batches)
+            self._batched = self._make_batcher(cfg)
+        else:
+            self._batched.set_max_batch_size(cfg.max_batch_size)
+            self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        logger.info("model %s batching retuned: %s", self.spec.name, cfg.model_dump())
+
+    def check_health(self) -> None:
+        self.runner.check_health()
+
+    # ------------------------------------------------------------------ handle methods
+
+    async def ready(self) -> bool:
+        return True
+
+    async def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "task": self.spec.task,
+            **self.runner.describe(),
+            "batching": self._batching.model_dump(),
+            "max_seq_len": self.spec.max_seq_len,
+            "limits": self.spec.limits.model_dump(),
+        }
+
+    async def infer(self, inputs: ModelInput) -> InferenceResult:
+        if inputs.token_ids is not None:
+            for i, row in enumerate(inputs.token_ids):
+                bad = max(row)
+                if bad >= self.model_vocab:
+                    raise InvalidInput(
+                        f"input 'input_ids'[{i}] holds token id {bad}; model {self.spec.name!r} has {self.model_vocab}"
+                    )
+        arrived = time.perf_counter()
+        chunks = inputs.split(self._batching.max_batch_size)
+        results = await asyncio.gather(*(self._batched(BatchEntry(c, arrived)) for c in chunks))
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return InferenceResult(
+            outputs=results[0].outputs if len(results) == 1 else np.concatenate([r.outputs for r in results]),
+            batch_size=max(r.batch_size for r in results),
+            queue_wait_ms=max(r.queue_wait_ms for r in results),
+        )
+
+    # ------------------------------------------------------------------ batching
+
+    def _make_batcher(self, cfg: BatchingConfig):
+        return serve.batch(
+            max_batch_size=cfg.max_batch_size,
+            batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            max_concurrent_batches=cfg.max_concurrent_batches,
+            batch_size_fn=count_items,
+        )(self._run_batch)
+
+    async def _run_batch(self, entries: list[BatchEntry]) -> list[_ChunkResult | ServingError]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
+
+    def _compute_isolated(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
+        """Run the batch; if it fails, bisect so each failing entry fails alone."""
+        try:
+            return self._compute(entries, started)
+        except Exception as e:  # noqa: BLE001 - isolated below, reported per entry
+            if len(entries) == 1:
+                logger.exception("model %s failed on one request", self.spec.name)
+                return [ModelFailure(f"model {self.spec.name!r} failed on this input: {type(e).__name__}: {e}")]
+            mid = len(entries) // 2
+            return self._compute_isolated(entries[:mid], started) + self._compute_isolated(entries[mid:], started)
+
+    def _compute(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
+        rows = self.encoder.encode([e.inputs for e in entries])
+        ids, mask = collate(rows, self.encoder.pad_id)
+        outputs = self.runner.infer(ids, mask)
+        parts = split_rows(outputs, [len(e.inputs) for e in entries])
+        n = len(rows)
+        return [
+            _ChunkResult(p.numpy(), n, (started - e.arrived_s) * 1000.0) for p, e in zip(parts, entries)
+        ]
