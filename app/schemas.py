@@ -45,6 +45,14 @@ class InferenceResult:
     outputs: np.ndarray  # [n_items, dim] float32
     batch_size: int  # items in the largest batch this request's items ran in
     queue_wait_ms: float  # arrival at the replica to batch start (max over chunks)
+    batch_ms: float = 0.0  # wall time of the batch run (tokenise + forward), max over chunks
+
+    def timing_headers(self) -> dict[str, str]:
+        return {
+            "X-Batch-Size": str(self.batch_size),
+            "X-Queue-Wait-Ms": f"{self.queue_wait_ms:.2f}",
+            "X-Batch-Ms": f"{self.batch_ms:.2f}",
+        }
 
 
 # ----------------------------------------------------------------------------------------------

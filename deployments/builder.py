@@ -29,6 +29,13 @@ def model_deployment_options(spec: ModelSpec) -> dict[str, Any]:
 
 
 def build_app(raw_args: dict[str, Any]) -> Application:
+    """Build the application from serve_config.yaml's `args` (Serve passes exactly that one dict).
+
+    Batching starts from each model's `batching` block, sent as the deployment's user_config. A
+    `deployments: [{name: <model>, user_config: ...}]` entry in the config file overrides it and
+    retunes running replicas without a restart; any change under `args` makes Serve rebuild the
+    application and restart every replica.
+    """
     args: AppArgs = parse_app_args(raw_args)
     handles = {}
     for spec in args.models:

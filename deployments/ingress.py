@@ -145,7 +145,7 @@ class Ingress:
         req = parse_v2_request(body, int(header_len) if header_len is not None else None, spec)
         result = await self._infer(name, req.inputs)
         payload, json_len = encode_v2_response(spec, req, result)
-        headers = {"X-Batch-Size": str(result.batch_size)}
+        headers = result.timing_headers()
         if json_len is not None:
             headers["Inference-Header-Content-Length"] = str(json_len)
             return Response(payload, media_type="application/octet-stream", headers=headers)
@@ -158,7 +158,7 @@ class Ingress:
         spec = self._spec(name)
         inputs = parse_v1_request(await self._body(request, spec), spec)
         result = await self._infer(name, inputs)
-        return _json({"predictions": v1_predictions(spec, result.outputs)}, headers={"X-Batch-Size": str(result.batch_size)})
+        return _json({"predictions": v1_predictions(spec, result.outputs)}, headers=result.timing_headers())
 
     @api.get("/v1/models")
     async def list_models(self) -> Response:

@@ -37,6 +37,7 @@ class _ChunkResult:
     outputs: np.ndarray
     batch_size: int
     queue_wait_ms: float
+    batch_ms: float
 
 
 class ModelServer:
@@ -91,6 +92,7 @@ class ModelServer:
         return {
             "name": self.spec.name,
             "task": self.spec.task,
+            "replica": serve.get_replica_context().replica_id.unique_id,
             **self.runner.describe(),
             "batching": self._batching.model_dump(),
             "max_seq_len": self.spec.max_seq_len,
@@ -115,6 +117,7 @@ class ModelServer:
             outputs=results[0].outputs if len(results) == 1 else np.concatenate([r.outputs for r in results]),
             batch_size=max(r.batch_size for r in results),
             queue_wait_ms=max(r.queue_wait_ms for r in results),
+            batch_ms=max(r.batch_ms for r in results),
         )
 
     # ------------------------------------------------------------------ batching
@@ -149,6 +152,7 @@ class ModelServer:
         outputs = self.runner.infer(ids, mask)
         parts = split_rows(outputs, [len(e.inputs) for e in entries])
         n = len(rows)
+        batch_ms = (time.perf_counter() - started) * 1000.0
         return [
-            _ChunkResult(p.numpy(), n, (started - e.arrived_s) * 1000.0) for p, e in zip(parts, entries)
+            _ChunkResult(p.numpy(), n, (started - e.arrived_s) * 1000.0, batch_ms) for p, e in zip(parts, entries)
         ]

@@ -1,0 +1,1 @@
+"""Benchmark tools: `python -m app.bench load ...`."""

@@ -1,0 +1,19 @@
+import numpy as np
+
+from app.bench.stats import percentile, summarize
+
+
+def test_percentiles_match_numpy():
+    rng = np.random.default_rng(1)
+    data = rng.lognormal(size=1001)
+    s = sorted(data.tolist())
+    for q in (0, 1, 50, 95, 99, 100):
+        assert abs(percentile(s, q) - np.percentile(data, q)) < 1e-12
+
+
+def test_summary():
+    lat = [0.01, 0.02, 0.03, 0.04]
+    s = summarize(lat, ok=4, errors=1, items=8, duration_s=2.0, batch_sizes=[1, 3])
+    assert s.requests == 5 and s.throughput_rps == 2.0 and s.items_per_s == 4.0
+    assert abs(s.p50_ms - np.percentile(np.array(lat) * 1000, 50)) < 1e-9
+    assert s.mean_batch_size == 2.0

@@ -1,0 +1,78 @@
+import pytest
+
+from app.config import ConfigError, parse_app_args
+from deployments.builder import build_app, model_deployment_options
+from tests.helpers import app_args, tiny_bert_spec
+
+
+def test_repo_serve_config_is_valid():
+    args = parse_app_args(app_args())
+    names = [m.name for m in args.models]
+    assert "minilm" in names
+    minilm = args.model("minilm")
+    assert minilm.task == "embed" and minilm.source.kind == "packaged"
+    classifier = next(m for m in args.models if m.task == "classify")
+    assert classifier.source.kind == "random_init" and classifier.source.architecture == "bert"
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_app_args(raw)
+    return str(e.value)
+
+
+def test_unknown_field_is_named():
+    raw = app_args()
+    raw["models"][0]["batching"]["max_batch_szie"] = 8
+    msg = _error(raw)
+    assert "models[0].batching.max_batch_szie: unknown field" in msg
+
+
+def test_bad_value_is_named():
+    raw = app_args()
+    raw["models"][1]["batching"]["batch_wait_timeout_s"] = -1
+    assert "models[1].batching.batch_wait_timeout_s" in _error(raw)
+
+
+def test_bad_source_kind_is_named():
+    raw = {"models": [tiny_bert_spec(source={"kind": "hub", "repo": "x"})]}
+    assert "models[0].source" in _error(raw)
+
+
+def test_inconsistent_labels():
+    raw = {"models": [tiny_bert_spec(labels=["a", "b"])]}
+    msg = _error(raw)
+    assert "labels" in msg and "num_labels is 3" in msg
+
+
+def test_max_ongoing_below_batch_is_refused():
+    raw = {"models": [tiny_bert_spec(batching={"max_batch_size": 16}, deployment={"max_ongoing_requests": 4})]}
+    msg = _error(raw)
+    assert "models[0].deployment.max_ongoing_requests" in msg and "16" in msg
+
+
+def test_duplicate_names_refused():
+    raw = {"models": [tiny_bert_spec(), tiny_bert_spec()]}
+    assert "duplicate model name 'tiny'" in _error(raw)
+
+
+def test_empty_models_refused():
+    assert "models" in _error({"models": []})
+
+
+def test_seq_len_beyond_positions_refused():
+    spec = tiny_bert_spec()
+    spec["source"]["config"]["max_position_embeddings"] = 16
+    assert "max_seq_len" in _error({"models": [spec]})
+
+
+def test_default_max_ongoing_lets_batches_fill():
+    args = parse_app_args({"models": [tiny_bert_spec(batching={"max_batch_size": 48, "max_concurrent_batches": 2})]})
+    opts = model_deployment_options(args.models[0])
+    assert opts["max_ongoing_requests"] >= 48 * 2
+    assert opts["user_config"]["max_batch_size"] == 48
+
+
+def test_build_app_refuses_bad_args_naming_the_field():
+    with pytest.raises(ConfigError, match=r"models\[0\]\.task"):
+        build_app({"models": [tiny_bert_spec(task="translate")]})
