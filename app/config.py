@@ -73,6 +73,49 @@ class DeploymentOptions(_Strict):
     torch_threads: Optional[int] = Field(None, ge=1)
 
 
+class DeviceBudget(_Strict):
+    """The devices one replica may use; the planner fits the model into them."""
+
+    kind: Literal["gpu", "cpu"] = "gpu"
+    per_node: int = Field(1, ge=1, le=64)
+    memory_gib: float = Field(80.0, gt=0)
+    nodes: int = Field(1, ge=1, le=1024)
+    # Share of each device the model may take; the rest is left to the framework and fragmentation.
+    usable_fraction: float = Field(0.9, gt=0, le=1.0)
+
+
+class ParallelConfig(_Strict):
+    """How a model is split over devices: chosen by the planner unless forced here."""
+
+    strategy: Literal["auto", "replicated", "deepspeed_tp", "fairscale_pp"] = "auto"
+    tp: Optional[int] = Field(None, ge=1, le=64)
+    pp: Optional[int] = Field(None, ge=1, le=256)
+    chunks: Optional[int] = Field(None, ge=1, le=1024)
+    # A plan must leave room for at least this many samples' activations.
+    min_batch_size: int = Field(1, ge=1)
+    # Largest acceptable pipeline bubble (p-1)/(m+p-1); sets the micro-batch count m.
+    max_bubble: float = Field(0.25, gt=0, lt=1)
+    # A model that must be split and is at least this deep and at most this wide goes to a pipeline:
+    # tensor parallelism would all-reduce twice per layer on too little work per layer.
+    pipeline_min_layers: int = Field(48, ge=2)
+    pipeline_max_hidden: int = Field(2048, ge=1)
+    devices: DeviceBudget = Field(default_factory=DeviceBudget)
+    # CPUs each tensor-parallel rank worker reserves (fractions are fine on small machines).
+    rank_num_cpus: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _forced_consistent(self) -> "ParallelConfig":
+        if self.tp is not None and self.tp > 1 and self.strategy not in ("auto", "deepspeed_tp"):
+            raise ValueError(f"tp: {self.tp} set but strategy is {self.strategy!r}")
+        if self.pp is not None and self.pp > 1 and self.strategy not in ("auto", "fairscale_pp"):
+            raise ValueError(f"pp: {self.pp} set but strategy is {self.strategy!r}")
+        if self.tp is not None and self.tp > self.devices.per_node:
+            raise ValueError(f"tp: {self.tp} exceeds devices.per_node ({self.devices.per_node}); TP stays inside one node")
+        if self.pp is not None and self.pp > self.devices.per_node * self.devices.nodes:
+            raise ValueError(f"pp: {self.pp} exceeds the {self.devices.per_node * self.devices.nodes} devices declared")
+        return self
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     source: ModelSource
@@ -85,6 +128,7 @@ class ModelSpec(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @field_validator("labels")
     @classmethod

@@ -107,7 +107,7 @@ def resolve_device(spec: ModelSpec, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def _auto_class(spec: ModelSpec):
+def auto_model_class(spec: ModelSpec):
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     return AutoModel if spec.task == "embed" else AutoModelForSequenceClassification
@@ -115,7 +115,7 @@ def _auto_class(spec: ModelSpec):
 
 def build_backbone(spec: ModelSpec, vocab_size: int | None = None) -> nn.Module:
     """The transformers model in float32 on the CPU with the spec's weights (seeded for random init)."""
-    cls = _auto_class(spec)
+    cls = auto_model_class(spec)
     cfg = build_config(spec, vocab_size)
     if isinstance(spec.source, RandomInitSource):
         torch.manual_seed(spec.source.seed)

@@ -1,0 +1,107 @@
+"""The planner picks each strategy for suitably sized specs, refuses what fits nowhere, obeys force."""
+
+import pytest
+
+from app.config import ModelSpec
+from app.planner import PlanError, balance_stages, chunks_for_bubble, plan_model
+
+MiB = 2**20
+
+
+def _llama(layers=4, hidden=256, heads=8, inter=512, **parallel):
+    return ModelSpec.model_validate({
+        "name": "llama",
+        "source": {"kind": "random_init", "architecture": "llama",
+                   "config": {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+                              "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": 4000}},
+        "task": "embed",
+        "max_seq_len": 64,
+        "parallel": parallel,
+    })
+
+
+def _budget(mib, per_node=4, nodes=1):
+    return {"kind": "cpu", "per_node": per_node, "memory_gib": mib / 1024, "nodes": nodes, "usable_fraction": 1.0}
+
+
+def test_replicated_when_it_fits():
+    p = plan_model(_llama(devices=_budget(512)))
+    assert p.strategy == "replicated" and p.tp == 1 and p.pp == 1
+    assert 1 <= p.max_batch_size <= 32
+    assert "fits one device" in p.explain()
+
+
+def test_tensor_parallel_when_too_big_for_one_device():
+    # ~14 MiB of fp32 parameters; 10 MiB devices.
+    p = plan_model(_llama(devices=_budget(10)))
+    assert p.strategy == "deepspeed_tp" and p.tp == 2
+    assert "does not fit one device" in p.explain()
+    assert p.per_device_param_bytes == p.param_bytes // 2
+
+
+def test_tp_skips_sizes_that_do_not_divide_heads():
+    # 5.5 MiB devices need more than 2 ranks; 3 does not divide 8 heads, so 4.
+    p = plan_model(_llama(devices=_budget(5.5, per_node=4)))
+    assert p.strategy == "deepspeed_tp" and p.tp == 4
+
+
+def test_pipeline_for_deep_narrow_models():
+    p = plan_model(_llama(layers=8, pipeline_min_layers=8, pipeline_max_hidden=256, devices=_budget(14)))
+    assert p.strategy == "fairscale_pp" and p.pp >= 2
+    assert sum(p.balance) == 8 + 2  # embeddings + 8 layers + final
+    assert "deep" in p.explain()
+    bubble = (p.pp - 1) / (p.chunks + p.pp - 1)
+    assert bubble <= 0.25
+
+
+def test_pipeline_when_tensor_parallel_inside_a_node_is_not_enough():
+    # One device per node: TP impossible, a pipeline across nodes fits.
+    p = plan_model(_llama(devices=_budget(10, per_node=1, nodes=4)))
+    assert p.strategy == "fairscale_pp" and p.pp >= 2
+    assert "nor tensor-parallel inside one node" in p.explain()
+
+
+def test_fits_nowhere_is_refused_with_sizes():
+    with pytest.raises(PlanError) as e:
+        plan_model(_llama(devices=_budget(2, per_node=2, nodes=1)))
+    msg = str(e.value)
+    assert "fits nowhere" in msg and "GiB of parameters" in msg and "usable" in msg
+
+
+def test_forced_settings_are_obeyed():
+    big = _budget(4096)
+    assert plan_model(_llama(strategy="deepspeed_tp", tp=4, devices=big)).tp == 4
+    p = plan_model(_llama(strategy="fairscale_pp", pp=3, chunks=5, devices=big))
+    assert (p.strategy, p.pp, p.chunks, len(p.balance)) == ("fairscale_pp", 3, 5, 3)
+    assert plan_model(_llama(strategy="replicated", devices=big)).strategy == "replicated"
+
+
+def test_forced_tp_that_cannot_divide_heads_is_refused():
+    with pytest.raises(PlanError, match="must divide attention heads"):
+        plan_model(_llama(heads=6, hidden=384, strategy="deepspeed_tp", tp=4, devices=_budget(4096)))
+
+
+def test_forced_replicated_that_does_not_fit_is_refused():
+    with pytest.raises(PlanError, match="replicated needs"):
+        plan_model(_llama(strategy="replicated", devices=_budget(8)))
+
+
+def test_balance_is_contiguous_and_minimises_the_largest_stage():
+    assert balance_stages([10, 1, 1, 1, 1, 10], 3) == (1, 4, 1)
+    even = balance_stages([1] * 10, 4)
+    assert sum(even) == 10 and len(even) == 4 and max(even) == 3
+    assert balance_stages([5, 5], 2) == (1, 1)
+
+
+def test_chunks_keep_bubble_small():
+    for p in (2, 4, 8):
+        for b in (0.1, 0.25, 0.5):
+            m = chunks_for_bubble(p, b)
+            assert (p - 1) / (m + p - 1) <= b + 1e-9
+            assert m == 1 or (p - 1) / (m - 1 + p - 1) > b
+
+
+def test_real_minilm_is_replicated():
+    spec = ModelSpec.model_validate({"name": "m", "source": {"kind": "packaged"}, "task": "embed"})
+    p = plan_model(spec)
+    assert p.strategy == "replicated" and 20 * MiB < p.param_bytes < 200 * MiB
