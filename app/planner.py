@@ -51,7 +51,8 @@ class ParallelPlan:
     chunks: int
     balance: Optional[tuple[int, ...]]  # pipeline units per stage
     devices: int  # devices one replica holds
-    max_batch_size: int
+    max_batch_size: int  # min(config cap, memory_max_batch_size)
+    memory_max_batch_size: int  # what memory alone allows (the seed formula); bounds live retunes too
     param_bytes: int
     per_device_param_bytes: int
     activation_bytes_per_sample: int
@@ -202,7 +203,10 @@ def chunks_for_bubble(pp: int, max_bubble: float) -> int:
     return max(1, math.ceil((pp - 1) * (1 - max_bubble) / max_bubble - 1e-9))
 
 
-def _batch_cap(free_bytes: float, act: int, cap: int) -> int:
+_MAX_BATCH = 65536
+
+
+def _batch_cap(free_bytes: float, act: int, cap: int = _MAX_BATCH) -> int:
     if free_bytes <= 0:
         return 0
     return min(cap, math.floor(free_bytes * BATCH_HEADROOM / max(act, 1)))
@@ -239,13 +243,14 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
     reasons = [sizes]
 
     def replicated(why: str) -> ParallelPlan:
-        mb = _batch_cap(usable - fp.param_bytes, act, cap)
+        mem = _batch_cap(usable - fp.param_bytes, act)
+        mb = min(cap, mem)
         if mb < par.min_batch_size:
             raise PlanError(
                 f"{spec.name}: replicated needs {_gb(need_one)} on one device ({_gb(fp.param_bytes)} parameters + "
                 f"{par.min_batch_size} x {act / 2**20:.1f} MiB activations) but {_gb(usable)} is usable"
             )
-        return ParallelPlan("replicated", 1, 1, 1, None, 1, mb, fp.param_bytes, fp.param_bytes, act, int(usable),
+        return ParallelPlan("replicated", 1, 1, 1, None, 1, mb, mem, fp.param_bytes, fp.param_bytes, act, int(usable),
                             tuple(reasons + [why, f"max_batch_size {mb} = min(cap {cap}, floor(free x 0.8 / per-sample))"]))
 
     def tensor_parallel(t: int, why: str) -> ParallelPlan:
@@ -255,10 +260,11 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
                 f"and hidden size ({fp.hidden_size})"
             )
         p_bytes, a_bytes = _tp_device_bytes(fp, t, 1)
-        mb = _batch_cap(usable - p_bytes, int(a_bytes), cap)
+        mem = _batch_cap(usable - p_bytes, int(a_bytes))
+        mb = min(cap, mem)
         if mb < par.min_batch_size:
             raise PlanError(f"{spec.name}: tp={t} leaves {_gb(p_bytes)} of parameters per device; {_gb(usable)} is usable")
-        return ParallelPlan("deepspeed_tp", t, 1, 1, None, t, mb, fp.param_bytes, int(p_bytes), act, int(usable),
+        return ParallelPlan("deepspeed_tp", t, 1, 1, None, t, mb, mem, fp.param_bytes, int(p_bytes), act, int(usable),
                             tuple(reasons + [why, f"max_batch_size {mb} from the memory left on each rank"]))
 
     def pipeline(p: int, why: str) -> ParallelPlan:
@@ -270,16 +276,18 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         worst = max(stage_bytes)
         m = par.chunks or chunks_for_bubble(p, par.max_bubble)
         # Each stage holds one micro-batch's activations at a time (plus its neighbour's in flight).
-        mb = _batch_cap(usable - worst, act, cap)
-        mb = min(cap, mb * m // 2) if m > 1 else mb
+        mem = _batch_cap(usable - worst, act)
+        mem = max(mem * m // 2, mem) if m > 1 else mem
+        mb = min(cap, mem)
         if mb < max(par.min_batch_size, 1):
             raise PlanError(f"{spec.name}: pp={p} leaves {_gb(worst)} on the fullest stage; {_gb(usable)} is usable")
         bubble = (p - 1) / (m + p - 1)
-        return ParallelPlan(
-            "fairscale_pp", 1, p, m, balance, p, max(mb, m), fp.param_bytes, worst, act, int(usable),
-            tuple(reasons + [why, f"stages of {list(balance)} units, fullest {_gb(worst)}; "
-                             f"{m} micro-batches -> bubble {bubble:.0%}"]),
-        )
+        notes = [why, f"stages of {list(balance)} units, fullest {_gb(worst)}; {m} micro-batches -> bubble {bubble:.0%}"]
+        if p > dev.per_node:
+            notes.append(f"{p} stages span {math.ceil(p / dev.per_node)} nodes: needs a multi-node pipeline, "
+                         "which the fairscale runner (one process) does not run")
+        return ParallelPlan("fairscale_pp", 1, p, m, balance, p, mb, mem, fp.param_bytes, worst, act, int(usable),
+                            tuple(reasons + notes))
 
     # ---------------- forced settings
     if par.strategy == "replicated":

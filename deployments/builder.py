@@ -1,22 +1,28 @@
-"""`serve run serve_config.yaml` enters here: validate the args once, then wire the deployments."""
+"""`serve run serve_config.yaml` enters here: validate the args once, plan each model, wire the deployments."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from app.config import AppArgs, ModelSpec, parse_app_args
+from app.models.loader import load_tokenizer
+from app.planner import ParallelPlan, PlanError, plan_model
 from deployments.ingress import Ingress
 from deployments.model_server import ModelServer
+
+logger = logging.getLogger("ray.serve")
 
 INGRESS_NAME = "Ingress"
 
 
-def model_deployment_options(spec: ModelSpec) -> dict[str, Any]:
+def model_deployment_options(spec: ModelSpec, plan: ParallelPlan) -> dict[str, Any]:
     d = spec.deployment
-    return {
+    gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
+    options: dict[str, Any] = {
         "name": spec.name,
         "num_replicas": d.num_replicas,
         "max_ongoing_requests": spec.effective_max_ongoing_requests(),
@@ -26,6 +32,32 @@ def model_deployment_options(spec: ModelSpec) -> dict[str, Any]:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
     }
+    if plan.strategy == "deepspeed_tp":
+        # The replica only drives its ranks: bundle 0 is its own, bundles 1..tp hold one rank each,
+        # packed onto one node. Each new replica reserves a whole new gang.
+        rank_bundle = {"CPU": spec.parallel.rank_num_cpus, **({"GPU": 1} if gpu else {})}
+        options["ray_actor_options"] = {"num_cpus": d.num_cpus, "num_gpus": 0}
+        options["placement_group_bundles"] = [{"CPU": d.num_cpus}] + [dict(rank_bundle) for _ in range(plan.tp)]
+        options["placement_group_strategy"] = "STRICT_PACK"
+    elif plan.strategy == "fairscale_pp":
+        options["ray_actor_options"] = {"num_cpus": d.num_cpus, "num_gpus": plan.pp if gpu else 0}
+    return options
+
+
+def _plan(spec: ModelSpec, index: int) -> tuple[ParallelPlan, int]:
+    vocab = len(load_tokenizer(spec))
+    try:
+        plan = plan_model(spec, vocab)
+    except PlanError as e:
+        raise PlanError(f"models[{index}] ({spec.name}): {e}") from None
+    if plan.strategy == "fairscale_pp" and plan.pp > spec.parallel.devices.per_node:
+        raise PlanError(
+            f"models[{index}].parallel: {spec.name} needs a {plan.pp}-stage pipeline across nodes; "
+            f"fairscale.nn.Pipe runs inside one replica process on one node ({spec.parallel.devices.per_node} devices)"
+        )
+    logger.info("plan for %s: %s (tp=%d pp=%d chunks=%d, max batch %d) -- %s", spec.name, plan.strategy, plan.tp,
+                plan.pp, plan.chunks, plan.max_batch_size, plan.explain())
+    return plan, vocab
 
 
 def build_app(raw_args: dict[str, Any]) -> Application:
@@ -38,10 +70,13 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     """
     args: AppArgs = parse_app_args(raw_args)
     handles = {}
-    for spec in args.models:
+    for i, spec in enumerate(args.models):
         if spec.name == INGRESS_NAME:
-            raise ValueError(f"models: the name {INGRESS_NAME!r} is reserved for the HTTP ingress")
-        handles[spec.name] = serve.deployment(ModelServer).options(**model_deployment_options(spec)).bind(spec)
+            raise ValueError(f"models[{i}].name: {INGRESS_NAME!r} is reserved for the HTTP ingress")
+        plan, vocab = _plan(spec, i)
+        handles[spec.name] = (
+            serve.deployment(ModelServer).options(**model_deployment_options(spec, plan)).bind(spec, plan, vocab)
+        )
     ing = args.ingress
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_NAME,

@@ -26,6 +26,7 @@ from app.config import BatchingConfig, ModelSpec
 from app.errors import InvalidInput, ModelFailure, ServingError
 from app.models.loader import build_config, check_vocab, load_tokenizer
 from app.models.tokenize import TextEncoder
+from app.planner import ParallelPlan
 from app.runners.factory import make_runner
 from app.schemas import InferenceResult, ModelInput
 
@@ -41,25 +42,42 @@ class _ChunkResult:
 
 
 class ModelServer:
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int):
         self.spec = spec
+        self.plan = plan
         threads = spec.deployment.torch_threads or os.cpu_count() or 1
         # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; say explicitly what we want.
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
+        logger.info("model %s plan: %s x%d/%d/%d -- %s", spec.name, plan.strategy, plan.tp, plan.pp, plan.chunks,
+                    plan.explain())
         tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(tokenizer, spec.max_seq_len)
-        self.model_vocab = int(build_config(spec, self.encoder.vocab_size).vocab_size)
+        self.model_vocab = int(build_config(spec, vocab_size).vocab_size)
         check_vocab(spec, self.encoder.vocab_size, self.model_vocab)
-        self.runner = make_runner(spec, self.encoder.vocab_size)
+        self.runner = make_runner(spec, vocab_size, plan)
         self.runner.start()
-        self._batching = spec.batching
-        self._executor = ThreadPoolExecutor(max_workers=spec.batching.max_concurrent_batches)
-        self._batched = self._make_batcher(spec.batching)
+        self._batching = self._bounded(spec.batching)
+        self._executor = ThreadPoolExecutor(max_workers=self._batching.max_concurrent_batches)
+        self._batched = self._make_batcher(self._batching)
         logger.info(
             "model %s ready in %.1fs: %s, batching %s, torch threads %d",
             spec.name, time.perf_counter() - t0, self.runner.describe(), self._batching.model_dump(), threads,
         )
+
+    def _bounded(self, cfg: BatchingConfig) -> BatchingConfig:
+        """Never batch more than device memory allows (the plan's seed-formula limit)."""
+        limit = self.plan.memory_max_batch_size
+        if cfg.max_batch_size <= limit:
+            return cfg
+        logger.warning("model %s: max_batch_size %d exceeds what memory allows (%d); using %d",
+                       self.spec.name, cfg.max_batch_size, limit, limit)
+        return cfg.model_copy(update={"max_batch_size": limit})
+
+    def __del__(self):
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.shutdown()
 
     # ------------------------------------------------------------------ Serve hooks
 
@@ -69,6 +87,7 @@ class ModelServer:
             cfg = BatchingConfig.model_validate(user_config or {})
         except ValidationError as e:
             raise ValueError(f"user_config for model {self.spec.name!r}: {e}") from None
+        cfg = self._bounded(cfg)
         old = self._batching
         self._batching = cfg
         if cfg.max_concurrent_batches != old.max_concurrent_batches:
@@ -95,6 +114,7 @@ class ModelServer:
             "replica": serve.get_replica_context().replica_id.unique_id,
             **self.runner.describe(),
             "batching": self._batching.model_dump(),
+            "plan": self.plan.as_dict(),
             "max_seq_len": self.spec.max_seq_len,
             "limits": self.spec.limits.model_dump(),
         }

@@ -34,3 +34,7 @@ def tiny_bert_spec(**overrides: Any) -> dict[str, Any]:
     }
     spec.update(overrides)
     return spec
+
+
+def parallel_config() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "serve_config.parallel.yaml").read_text())

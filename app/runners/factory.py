@@ -1,12 +1,23 @@
-"""Pick the runner for a model spec."""
+"""Pick the runner a plan calls for. Imports of DeepSpeed / Fairscale stay inside their runners."""
 
 from __future__ import annotations
 
 from app.config import ModelSpec
+from app.planner import ParallelPlan
 from app.runners.base import ModelRunner
 
 
-def make_runner(spec: ModelSpec, vocab_size: int) -> ModelRunner:
-    from app.runners.local import LocalRunner
+def make_runner(spec: ModelSpec, vocab_size: int, plan: ParallelPlan) -> ModelRunner:
+    if plan.strategy == "replicated":
+        from app.runners.local import LocalRunner
 
-    return LocalRunner(spec, vocab_size)
+        return LocalRunner(spec, vocab_size)
+    if plan.strategy == "deepspeed_tp":
+        from app.runners.deepspeed_tp import TensorParallelRunner
+
+        return TensorParallelRunner(spec, vocab_size, plan)
+    if plan.strategy == "fairscale_pp":
+        from app.runners.fairscale_pp import PipelineRunner
+
+        return PipelineRunner(spec, vocab_size, plan)
+    raise ValueError(f"unknown strategy {plan.strategy!r}")

@@ -23,8 +23,7 @@ class LocalRunner(ModelRunner):
         self.output_dim: int | None = None
 
     def start(self) -> None:
-        model = wrap_head(self.spec, build_backbone(self.spec, self.vocab_size))
-        self.model = model.to(device=self.device, dtype=self.dtype)
+        self.model = wrap_head(self.spec, build_backbone(self.spec, self.vocab_size, self.device, self.dtype))
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
 

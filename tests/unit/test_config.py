@@ -68,7 +68,8 @@ def test_seq_len_beyond_positions_refused():
 
 def test_default_max_ongoing_lets_batches_fill():
     args = parse_app_args({"models": [tiny_bert_spec(batching={"max_batch_size": 48, "max_concurrent_batches": 2})]})
-    opts = model_deployment_options(args.models[0])
+    from app.planner import plan_model
+    opts = model_deployment_options(args.models[0], plan_model(args.models[0]))
     assert opts["max_ongoing_requests"] >= 48 * 2
     assert opts["user_config"]["max_batch_size"] == 48
 

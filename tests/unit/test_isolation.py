@@ -20,6 +20,9 @@ class _PoisonRunner:
             raise RuntimeError("poisoned batch")
         return ids.float().sum(dim=1, keepdim=True)
 
+    def shutdown(self) -> None:
+        pass
+
 
 class _IdEncoder:
     pad_id = 0

@@ -1,0 +1,144 @@
+"""Tensor parallelism: a gang of Ray rank workers running DeepSpeed AutoTP; rank 0 answers.
+
+The Serve replica that owns this runner sits in bundle 0 of its placement group (STRICT_PACK, so the
+gang shares one node); rank i runs in bundle i + 1. Each rank builds the same seeded model, joins a
+torch.distributed group (NCCL on GPUs, gloo on CPUs) and lets `deepspeed.init_inference` shard it.
+Every rank runs every batch (the all-reduces need all of them); only rank 0's output travels back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Optional
+
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from app.config import ModelSpec
+from app.planner import ParallelPlan
+from app.runners.base import ModelRunner
+
+_HEALTH_TIMEOUT_S = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TPRankWorker:
+    """One tensor-parallel rank (a Ray actor)."""
+
+    def __init__(self, spec: ModelSpec, vocab_size: int, rank: int, world: int, master_addr: str, master_port: int,
+                 use_gpu: bool):
+        on_gpu = use_gpu and torch.cuda.is_available()
+        # Ray gives each GPU rank exactly one visible device, so its local index is 0; on CPU all ranks
+        # share the host and DeepSpeed's shared-memory all-reduce needs LOCAL_SIZE == world size.
+        local_rank = 0 if on_gpu and torch.cuda.device_count() == 1 else rank
+        os.environ.update({
+            "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_SIZE": str(world),
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+        })
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed  # imported here: only tensor-parallel workers need DeepSpeed
+
+        from app.models.loader import build_backbone, resolve_dtype, wrap_head
+
+        self.rank = rank
+        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        torch.distributed.init_process_group(
+            backend="nccl" if on_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank, world_size=world,
+        )
+        dtype = resolve_dtype(spec, self.device)
+        model = wrap_head(spec, build_backbone(spec, vocab_size, self.device, dtype))
+        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,
+                                          replace_with_kernel_inject=False)
+        self.model = engine.module
+        self.dtype = dtype
+
+    def ready(self) -> int:
+        return self.rank
+
+    @torch.inference_mode()
+    def infer(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Optional[torch.Tensor]:
+        ids, mask = batch
+        out = self.model(ids.to(self.device), mask.to(self.device))
+        return out.float().cpu() if self.rank == 0 else None
+
+    def ping(self) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return True
+
+
+class TensorParallelRunner(ModelRunner):
+    strategy = "deepspeed_tp"
+
+    def __init__(self, spec: ModelSpec, vocab_size: int, plan: ParallelPlan):
+        self.spec, self.vocab_size, self.plan = spec, vocab_size, plan
+        self.use_gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
+        self.ranks: list[Any] = []
+        self.output_dim: Optional[int] = None
+        self.dtype: str = "?"
+
+    def start(self) -> None:
+        world = self.plan.tp
+        pg = get_current_placement_group()
+        master_addr = ray.util.get_node_ip_address()
+        master_port = _free_port()
+        worker_cls = ray.remote(TPRankWorker)
+        t0 = time.perf_counter()
+        for rank in range(world):
+            opts: dict[str, Any] = {
+                "num_cpus": self.spec.parallel.rank_num_cpus,
+                "num_gpus": 1 if self.use_gpu else 0,
+                "name": None,
+                # Ranks run an all-reduce loop: a restarted rank could never rejoin the group, so the
+                # replica is replaced as a whole instead (health check).
+                "max_restarts": 0,
+            }
+            if pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank + 1
+                )
+            self.ranks.append(worker_cls.options(**opts).remote(
+                self.spec, self.vocab_size, rank, world, master_addr, master_port, self.use_gpu
+            ))
+        ray.get([r.ready.remote() for r in self.ranks])
+        probe = torch.ones(1, 4, dtype=torch.long)
+        self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
+        self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (
+            "float32" if self.spec.dtype == "auto" else self.spec.dtype)
+        self._start_s = time.perf_counter() - t0
+
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch = ray.put((input_ids, attention_mask))
+        outs = ray.get([r.infer.remote(batch) for r in self.ranks])
+        return outs[0]
+
+    def check_health(self) -> None:
+        """Reach every rank; a dead or stuck one makes the replica unhealthy so Serve replaces it."""
+        ray.get([r.ping.remote() for r in self.ranks], timeout=_HEALTH_TIMEOUT_S)
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
+        self.ranks = []
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "devices": [f"{'cuda' if self.use_gpu else 'cpu'}:rank{i}" for i in range(self.plan.tp)],
+            "dtype": self.dtype,
+            "output_dim": self.output_dim,
+            "tp": self.plan.tp,
+        }

@@ -1,0 +1,159 @@
+"""Tensor- and pipeline-parallel runners: equivalence with the local runner, and serving over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from ray._common.test_utils import wait_for_condition
+
+from app.config import ModelSpec
+from app.planner import plan_model
+from app.runners.local import LocalRunner
+from tests.helpers import parallel_config, serve_config
+from tests.integration.conftest import app_status, deploy_config, wait_ready
+
+pytestmark = pytest.mark.integration
+
+VOCAB = 30522
+
+
+def _spec(arch: str, task: str, strategy: str, **size) -> ModelSpec:
+    cfg = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}
+    if arch == "llama":
+        cfg["num_key_value_heads"] = 4
+    parallel = {"strategy": strategy, "rank_num_cpus": 0.5, "devices": {"kind": "cpu", "per_node": 2}, **size}
+    return ModelSpec.model_validate({
+        "name": f"{arch}-{task}", "source": {"kind": "random_init", "architecture": arch, "config": cfg, "seed": 3},
+        "task": task, "num_labels": 3, "max_seq_len": 32, "parallel": parallel,
+    })
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1000, 20000, (6, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[4, 3:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _reference(spec: ModelSpec) -> torch.Tensor:
+    local = LocalRunner(spec, VOCAB)
+    local.start()
+    return local.infer(*_inputs())
+
+
+@pytest.mark.parametrize("arch, task", [("llama", "embed"), ("llama", "classify"), ("bert", "classify")])
+def test_tensor_parallel_matches_local(ray_cluster, arch, task):
+    from app.runners.deepspeed_tp import TensorParallelRunner
+
+    spec = _spec(arch, task, "deepspeed_tp", tp=2)
+    plan = plan_model(spec, VOCAB)
+    assert (plan.strategy, plan.tp) == ("deepspeed_tp", 2)
+    runner = TensorParallelRunner(spec, VOCAB, plan)
+    runner.start()
+    try:
+        out = runner.infer(*_inputs())
+        runner.check_health()
+    finally:
+        runner.shutdown()
+    assert _rel_err(out, _reference(spec)) <= 1e-4
+
+
+@pytest.mark.parametrize("arch, task", [("llama", "embed"), ("llama", "classify"), ("bert", "classify"), ("bert", "embed")])
+def test_pipeline_parallel_matches_local(arch, task):
+    from app.runners.fairscale_pp import PipelineRunner
+
+    spec = _spec(arch, task, "fairscale_pp", pp=2, chunks=3)
+    plan = plan_model(spec, VOCAB)
+    assert (plan.strategy, plan.pp, plan.chunks) == ("fairscale_pp", 2, 3)
+    runner = PipelineRunner(spec, VOCAB, plan)
+    runner.start()
+    try:
+        out = runner.infer(*_inputs())
+    finally:
+        runner.shutdown()
+    assert _rel_err(out, _reference(spec)) <= 1e-4
+
+
+def test_tensor_parallel_dead_rank_fails_health_check(ray_cluster):
+    import ray
+
+    from app.runners.deepspeed_tp import TensorParallelRunner
+
+    spec = _spec("llama", "embed", "deepspeed_tp", tp=2)
+    runner = TensorParallelRunner(spec, VOCAB, plan_model(spec, VOCAB))
+    runner.start()
+    try:
+        runner.check_health()
+        ray.kill(runner.ranks[1])
+        with pytest.raises(Exception):
+            runner.check_health()
+    finally:
+        runner.shutdown()
+
+
+# ------------------------------------------------------------------------------ served over HTTP
+
+
+@pytest.fixture(scope="module")
+def parallel_url(base_url):
+    config = serve_config()
+    app = parallel_config()["applications"][0]
+    app["name"], app["route_prefix"] = "parallel", "/parallel"
+    config["applications"].append(app)
+    deploy_config(config)
+    url = f"{base_url}/parallel"
+    wait_ready(url, timeout_s=300)
+    yield url
+    deploy_config(serve_config())
+    wait_for_condition(lambda: app_status("parallel") is None, timeout=120)
+
+
+def test_parallel_models_are_planned_and_listed(parallel_url):
+    models = {m["name"]: m for m in httpx.get(f"{parallel_url}/v1/models", timeout=30).json()["models"]}
+    assert models["llama-tp"]["strategy"] == "deepspeed_tp" and models["llama-tp"]["tp"] == 2
+    assert models["llama-pp"]["strategy"] == "fairscale_pp" and models["llama-pp"]["pp"] == 2
+    assert "does not fit one device" in " ".join(models["llama-tp"]["plan"]["reasons"])
+
+
+async def _fire(url: str, model: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        return await asyncio.gather(*(
+            c.post(f"/v1/models/{model}:predict", json={"instances": [f"request {i} about pipelines"]}) for i in range(n)
+        ))
+
+
+@pytest.mark.parametrize("model", ["llama-tp", "llama-pp"])
+def test_parallel_models_answer_http_batched_and_match_local(parallel_url, model):
+    responses = asyncio.run(_fire(parallel_url, model, 24))
+    assert [r.status_code for r in responses] == [200] * 24
+    assert np.mean([int(r.headers["x-batch-size"]) for r in responses]) > 1
+    # The served answer equals the local runner's on the same (seeded) weights.
+    from app.config import parse_app_args
+    from app.models.loader import load_tokenizer
+    from app.models.tokenize import TextEncoder
+    from app.batching import collate
+    from app.schemas import ModelInput
+
+    spec = parse_app_args(parallel_config()["applications"][0]["args"]).model(model)
+    tok = load_tokenizer(spec)
+    local = LocalRunner(spec, len(tok))
+    local.start()
+    enc = TextEncoder(tok, spec.max_seq_len)
+    ids, mask = collate(enc.encode([ModelInput(texts=["request 5 about pipelines"])]), enc.pad_id)
+    expected = local.infer(ids, mask).numpy()[0]
+    served = responses[5].json()["predictions"][0]
+    got = np.array(served if model == "llama-tp" else served["probabilities"])
+    if model == "llama-pp":
+        expected = np.exp(expected - expected.max()) / np.exp(expected - expected.max()).sum()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
