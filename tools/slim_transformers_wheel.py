@@ -12,7 +12,8 @@ import sys
 import tempfile
 import zipfile
 
-KEEP = {"__init__.py", "auto", "bert", "llama", "opt", "encoder_decoder"}
+# The families served here, plus those DeepSpeed AutoTP names directly (module_inject/*.py).
+KEEP = {"__init__.py", "auto", "bert", "llama", "opt", "encoder_decoder", "gpt2", "bloom", "gemma3"}
 
 
 def _keep(name: str) -> bool:

@@ -27,7 +27,7 @@ VOCAB = 32000
 
 
 SHAPE = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32}
-DEVICE = {"device": "cuda", "kind": "gpu"}
+DEVICE = {"device": "cuda", "kind": "gpu", "dtype": "bfloat16"}
 
 
 def llama_spec(layers: int, strategy: str, seq: int, **parallel: Any) -> ModelSpec:
@@ -38,7 +38,7 @@ def llama_spec(layers: int, strategy: str, seq: int, **parallel: Any) -> ModelSp
                               "max_position_embeddings": 4096}},
         "task": "embed",
         "max_seq_len": seq,
-        "dtype": "bfloat16" if DEVICE["device"] == "cuda" else "float32",
+        "dtype": DEVICE["dtype"],
         "device": DEVICE["device"],
         "batching": {"max_batch_size": 1024},
         "parallel": {"strategy": strategy, "devices": {"kind": DEVICE["kind"], "per_node": 2, "memory_gib": 80},
@@ -97,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,16,64,128")
     p.add_argument("--chunks", default="4,8", help="PP micro-batch counts to try")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="float32 with few --layers checks equivalence at full precision")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, measures nothing")
     ns = p.parse_args(argv)
     batches = [int(x) for x in ns.batches.split(",")]
+    DEVICE["dtype"] = ns.dtype
     if ns.smoke:
         SHAPE.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
-        DEVICE.update(device="cpu", kind="cpu")
+        DEVICE.update(device="cpu", kind="cpu", dtype="float32")
     elif torch.cuda.device_count() < 2:
         raise SystemExit("needs 2 GPUs")
     results: list[dict[str, Any]] = []
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     base = results[0]
-    print(f"\n{'runner':<24}{'b1 ms':>9}{'best seq/s':>12}{'@b':>6}{'rel err':>10}  vs goal")
+    print(f"\n{params / 1e9:.2f} B parameters, {DEVICE['dtype']}, seq {ns.seq}")
+    print(f"{'runner':<24}{'b1 ms':>9}{'best seq/s':>12}{'@b':>6}{'rel err':>10}  vs goal")
     for r in results:
         goal = ""
         if r["name"].startswith("deepspeed"):
@@ -167,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         err = "-" if r["rel_err_vs_local"] is None else f"{r['rel_err_vs_local']:.1e}"
         print(f"{r['name']:<24}{r['batch1_latency_ms']:>9.2f}{r['best_throughput']:>12.1f}{r['best_batch']:>6}{err:>10}  {goal}")
     Path(ns.out).mkdir(parents=True, exist_ok=True)
-    doc = {"params": params, "seq": ns.seq, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    doc = {"params": params, "seq": ns.seq, "dtype": DEVICE["dtype"], "layers": ns.layers, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "results": [{k: v for k, v in r.items() if k != "output"} for r in results]}
-    (Path(ns.out) / "parallel_gpu.json").write_text(json.dumps(doc, indent=2))
+    (Path(ns.out) / f"parallel_gpu_{DEVICE['dtype']}_{ns.layers}l.json").write_text(json.dumps(doc, indent=2))
     return 0
 
 

@@ -32,25 +32,37 @@ def _free_port() -> int:
 
 
 class TPRankWorker:
-    """One tensor-parallel rank (a Ray actor)."""
+    """One tensor-parallel rank (a Ray actor). Built in two steps so every rank can first learn the
+    GPUs of the whole gang: NCCL only uses NVLink / peer-to-peer between devices a process can see,
+    and Ray shows each actor just its own GPU, which would push every all-reduce through host memory."""
 
-    def __init__(self, spec: ModelSpec, vocab_size: int, rank: int, world: int, master_addr: str, master_port: int,
-                 use_gpu: bool):
-        on_gpu = use_gpu and torch.cuda.is_available()
-        # Ray gives each GPU rank exactly one visible device, so its local index is 0; on CPU all ranks
-        # share the host and DeepSpeed's shared-memory all-reduce needs LOCAL_SIZE == world size.
-        local_rank = 0 if on_gpu and torch.cuda.device_count() == 1 else rank
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.device = torch.device("cpu")
+
+    def gpu_ids(self) -> list[str]:
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def setup(self, spec: ModelSpec, vocab_size: int, master_addr: str, master_port: int,
+              gang_gpus: Optional[list[str]]) -> int:
+        rank, world = self.rank, self.world
+        if gang_gpus:
+            # Set before CUDA initialises in this process: see every GPU of the gang, use our own.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gang_gpus)
+            local_rank = rank
+        else:
+            # CPU ranks share the host; DeepSpeed's shared-memory all-reduce needs LOCAL_SIZE == world.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            local_rank = rank
         os.environ.update({
             "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_SIZE": str(world),
             "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
         })
-        if not on_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # imported here: only tensor-parallel workers need DeepSpeed
 
         from app.models.loader import build_backbone, resolve_dtype, wrap_head
 
-        self.rank = rank
+        on_gpu = bool(gang_gpus)
         self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
         if on_gpu:
             torch.cuda.set_device(self.device)
@@ -63,10 +75,7 @@ class TPRankWorker:
         engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,
                                           replace_with_kernel_inject=False)
         self.model = engine.module
-        self.dtype = dtype
-
-    def ready(self) -> int:
-        return self.rank
+        return rank
 
     @torch.inference_mode()
     def infer(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -110,10 +119,13 @@ class TensorParallelRunner(ModelRunner):
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank + 1
                 )
-            self.ranks.append(worker_cls.options(**opts).remote(
-                self.spec, self.vocab_size, rank, world, master_addr, master_port, self.use_gpu
-            ))
-        ray.get([r.ready.remote() for r in self.ranks])
+            self.ranks.append(worker_cls.options(**opts).remote(rank, world))
+        gang_gpus: Optional[list[str]] = None
+        if self.use_gpu:
+            gang_gpus = [g for ids in ray.get([r.gpu_ids.remote() for r in self.ranks]) for g in ids]
+            if len(gang_gpus) != world:
+                raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({world})")
+        ray.get([r.setup.remote(self.spec, self.vocab_size, master_addr, master_port, gang_gpus) for r in self.ranks])
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
         self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (
