@@ -22,6 +22,7 @@ class BatchEntry:
 
     inputs: ModelInput
     arrived_s: float  # time.perf_counter() when the replica received it
+    started: bool = False  # set when its batch begins; a cancelled entry never starts
 
 
 def count_items(entries: Sequence[BatchEntry]) -> int:

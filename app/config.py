@@ -176,11 +176,21 @@ class IngressOptions(_Strict):
     max_ongoing_requests: int = Field(1000, ge=1)
 
 
+class CostConfig(_Strict):
+    """Device prices, turned into cost per 1000 requests (defaults are placeholders: set yours)."""
+
+    gpu_hour_usd: float = Field(2.50, ge=0)
+    cpu_hour_usd: float = Field(0.05, ge=0)
+    # Sliding window over which device-seconds and served requests are compared.
+    window_s: float = Field(60.0, gt=0, le=3600)
+
+
 class AppArgs(_Strict):
     """The `args:` block of serve_config.yaml."""
 
     models: list[ModelSpec] = Field(min_length=1)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    cost: CostConfig = Field(default_factory=CostConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "AppArgs":

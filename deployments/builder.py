@@ -75,7 +75,7 @@ def build_app(raw_args: dict[str, Any]) -> Application:
             raise ValueError(f"models[{i}].name: {INGRESS_NAME!r} is reserved for the HTTP ingress")
         plan, vocab = _plan(spec, i)
         handles[spec.name] = (
-            serve.deployment(ModelServer).options(**model_deployment_options(spec, plan)).bind(spec, plan, vocab)
+            serve.deployment(ModelServer).options(**model_deployment_options(spec, plan)).bind(spec, plan, vocab, args.cost)
         )
     ing = args.ingress
     ingress = serve.deployment(Ingress).options(

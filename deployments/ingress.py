@@ -7,6 +7,7 @@ right status. Serve itself echoes or assigns `X-Request-ID` on every response.
 
 import asyncio
 import logging
+import time
 from typing import Any, Optional
 
 import orjson
@@ -18,6 +19,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppArgs, ModelSpec
+from app.metrics import IngressMetrics
 from app.errors import InvalidInput, ModelFailure, ModelNotFound, Overloaded, PayloadTooLarge, ServingError
 from app.schemas import (
     InferenceResult,
@@ -46,6 +48,26 @@ def _json(doc: Any, status: int = 200, headers: Optional[dict[str, str]] = None)
     )
 
 
+@api.middleware("http")
+async def _observe(request: Request, call_next):
+    """Count every request by model, route and outcome, and time it (app/metrics.py)."""
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        metrics: Optional[IngressMetrics] = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            route = request.scope.get("route")
+            name = request.scope.get("path_params", {}).get("name")
+            known = getattr(request.app.state, "model_names", ())
+            model = "-" if name is None else (name if name in known else "unknown")
+            metrics.record(model, route.path if route is not None else "unmatched", status,
+                           (time.perf_counter() - t0) * 1000.0)
+
+
 @api.exception_handler(ServingError)
 async def _serving_error(_: Request, exc: ServingError) -> Response:
     headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
@@ -71,6 +93,9 @@ class Ingress:
         self.specs: dict[str, ModelSpec] = {m.name: m for m in args.models}
         self.handles = handles
         self._metadata: dict[str, dict[str, Any]] = {}
+        # The FastAPI app is this replica's own; its state carries what the middleware needs.
+        api.state.metrics = IngressMetrics()
+        api.state.model_names = frozenset(self.specs)
 
     # ------------------------------------------------------------------ helpers
 

@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import ray
 from pydantic import ValidationError
 from ray import serve
 
 from app.batching import BatchEntry, collate, count_items, split_rows
-from app.config import BatchingConfig, ModelSpec
+from app.config import BatchingConfig, CostConfig, ModelSpec
 from app.errors import InvalidInput, ModelFailure, ServingError
+from app.metrics import ModelServerMetrics
 from app.models.loader import build_config, check_vocab, load_tokenizer
 from app.models.tokenize import TextEncoder
 from app.planner import ParallelPlan
@@ -42,7 +44,7 @@ class _ChunkResult:
 
 
 class ModelServer:
-    def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int):
+    def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int, cost: CostConfig):
         self.spec = spec
         self.plan = plan
         threads = spec.deployment.torch_threads or os.cpu_count() or 1
@@ -57,6 +59,8 @@ class ModelServer:
         check_vocab(spec, self.encoder.vocab_size, self.model_vocab)
         self.runner = make_runner(spec, vocab_size, plan)
         self.runner.start()
+        gpu_ids = getattr(self.runner, "gang_gpus", None) or [str(g) for g in ray.get_gpu_ids()]
+        self.metrics = ModelServerMetrics(spec, plan, cost, gpu_ids)
         self._batching = self._bounded(spec.batching)
         self._executor = ThreadPoolExecutor(max_workers=self._batching.max_concurrent_batches)
         self._batched = self._make_batcher(self._batching)
@@ -78,6 +82,9 @@ class ModelServer:
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.shutdown()
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop()
 
     # ------------------------------------------------------------------ Serve hooks
 
@@ -128,11 +135,18 @@ class ModelServer:
                         f"input 'input_ids'[{i}] holds token id {bad}; model {self.spec.name!r} has {self.model_vocab}"
                     )
         arrived = time.perf_counter()
-        chunks = inputs.split(self._batching.max_batch_size)
-        results = await asyncio.gather(*(self._batched(BatchEntry(c, arrived)) for c in chunks))
+        entries = [BatchEntry(c, arrived) for c in inputs.split(self._batching.max_batch_size)]
+        for _ in entries:
+            self.metrics.enqueued()
+        try:
+            results = await asyncio.gather(*(self._batched(e) for e in entries))
+        finally:
+            # A cancelled or failed request leaves the queue without its batch ever starting.
+            self.metrics.dequeued(sum(1 for e in entries if not e.started))
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        self.metrics.request_served()
         return InferenceResult(
             outputs=results[0].outputs if len(results) == 1 else np.concatenate([r.outputs for r in results]),
             batch_size=max(r.batch_size for r in results),
@@ -152,8 +166,16 @@ class ModelServer:
 
     async def _run_batch(self, entries: list[BatchEntry]) -> list[_ChunkResult | ServingError]:
         started = time.perf_counter()
+        for e in entries:
+            e.started = True
+        self.metrics.dequeued(len(entries))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
+        results = await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
+        self.metrics.batch_done(
+            count_items(entries), (time.perf_counter() - started) * 1000.0,
+            [(started - e.arrived_s) * 1000.0 for e in entries],
+        )
+        return results
 
     def _compute_isolated(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
         """Run the batch; if it fails, bisect so each failing entry fails alone."""

@@ -96,6 +96,7 @@ class TensorParallelRunner(ModelRunner):
         self.spec, self.vocab_size, self.plan = spec, vocab_size, plan
         self.use_gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
         self.ranks: list[Any] = []
+        self.gang_gpus: list[str] = []  # physical GPU ids of the ranks (for NVML metrics)
         self.output_dim: Optional[int] = None
         self.dtype: str = "?"
 
@@ -126,6 +127,7 @@ class TensorParallelRunner(ModelRunner):
             if len(gang_gpus) != world:
                 raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({world})")
         ray.get([r.setup.remote(self.spec, self.vocab_size, master_addr, master_port, gang_gpus) for r in self.ranks])
+        self.gang_gpus = gang_gpus or []
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
         self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (

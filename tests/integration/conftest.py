@@ -41,10 +41,18 @@ def app_status(name: str):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """A Ray cluster of this test run only; yields the URL of its Prometheus metrics endpoint."""
+    metrics_port = free_port()
     # Logical CPUs: replicas take fractions of them; 4 leaves room for extra test deployments.
-    ray.init(num_cpus=4, include_dashboard=False, namespace="batchserve-tests", log_to_driver=False)
-    yield
+    ray.init(num_cpus=4, include_dashboard=False, namespace="batchserve-tests", log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    yield f"http://127.0.0.1:{metrics_port}/metrics"
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster) -> str:
+    return ray_cluster
 
 
 @pytest.fixture(scope="session")
