@@ -51,6 +51,11 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
     max_concurrent_batches: int = Field(1, ge=1, le=64)
+    # Adaptive batching (app/adaptive.py): steer the wait, and the size up to max_batch_size, so that
+    # p99 in the replica stays under target_p99_ms. batch_wait_timeout_s is then the starting wait.
+    adaptive: bool = False
+    target_p99_ms: float = Field(200.0, gt=0)
+    max_wait_s: float = Field(0.05, ge=0.0, le=10.0)
 
 
 class LimitsConfig(_Strict):

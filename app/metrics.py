@@ -152,6 +152,12 @@ class ModelServerMetrics:
             description="Device cost per 1000 requests over a sliding window (USD).", tag_keys=tags)
         self.cost_total = serve_metrics.Counter(
             PREFIX + "cost_usd", description="Device cost accrued by the replica (USD).", tag_keys=tags)
+        self.batch_wait = serve_metrics.Gauge(
+            PREFIX + "batch_wait_ms", description="Current batch wait (the adaptive controller moves it).",
+            tag_keys=tags)
+        self.max_batch = serve_metrics.Gauge(
+            PREFIX + "max_batch_size", description="Current batch cap (config, memory and controller).",
+            tag_keys=tags)
         self.cost = CostWindow(replica_hourly_cost_usd(spec, plan, cost), cost.window_s)
         self._depth = 0
         self._depth_lock = threading.Lock()
@@ -188,6 +194,10 @@ class ModelServerMetrics:
 
     def request_served(self) -> None:
         self.cost.served(1)
+
+    def batching(self, wait_s: float, max_batch_size: int) -> None:
+        self.batch_wait.set(wait_s * 1000.0, tags=self._tags)
+        self.max_batch.set(max_batch_size, tags=self._tags)
 
     # ------------------------------------------------------------------ sampled gauges
 

@@ -22,7 +22,8 @@ import ray
 from pydantic import ValidationError
 from ray import serve
 
-from app.batching import BatchEntry, collate, count_items, split_rows
+from app.adaptive import BatchingState, ControllerConfig, Window, step
+from app.batching import BatchEntry, collate, count_items, max_batch_size_from_memory, split_rows
 from app.config import BatchingConfig, CostConfig, ModelSpec
 from app.errors import InvalidInput, ModelFailure, ServingError
 from app.metrics import ModelServerMetrics
@@ -59,19 +60,36 @@ class ModelServer:
         check_vocab(spec, self.encoder.vocab_size, self.model_vocab)
         self.runner = make_runner(spec, vocab_size, plan)
         self.runner.start()
+        self.memory_max_batch_size = self._measured_batch_limit()
         gpu_ids = getattr(self.runner, "gang_gpus", None) or [str(g) for g in ray.get_gpu_ids()]
         self.metrics = ModelServerMetrics(spec, plan, cost, gpu_ids)
         self._batching = self._bounded(spec.batching)
         self._executor = ThreadPoolExecutor(max_workers=self._batching.max_concurrent_batches)
         self._batched = self._make_batcher(self._batching)
+        self._window = Window()
+        self._adapt_task: asyncio.Task | None = None
+        self.metrics.batching(self._batching.batch_wait_timeout_s, self._batching.max_batch_size)
         logger.info(
             "model %s ready in %.1fs: %s, batching %s, torch threads %d",
             spec.name, time.perf_counter() - t0, self.runner.describe(), self._batching.model_dump(), threads,
         )
 
+    def _measured_batch_limit(self) -> int:
+        """The seed formula on measured figures where the device allows (CUDA: free memory and the
+        peak one sample adds at max_seq_len), else on the planner's estimate."""
+        measure = getattr(self.runner, "measure_per_sample_bytes", None)
+        per_sample = measure(self.spec.max_seq_len) if measure else None
+        if not per_sample:
+            return self.plan.memory_max_batch_size
+        free = self.runner.free_device_bytes()
+        limit = max_batch_size_from_memory(free, per_sample, cap=65536)
+        logger.info("model %s: measured %.2f MiB per sample at seq %d, %.1f GiB free -> memory allows batch %d",
+                    self.spec.name, per_sample / 2**20, self.spec.max_seq_len, free / 2**30, limit)
+        return limit
+
     def _bounded(self, cfg: BatchingConfig) -> BatchingConfig:
-        """Never batch more than device memory allows (the plan's seed-formula limit)."""
-        limit = self.plan.memory_max_batch_size
+        """Never batch more than device memory allows (the seed formula)."""
+        limit = self.memory_max_batch_size
         if cfg.max_batch_size <= limit:
             return cfg
         logger.warning("model %s: max_batch_size %d exceeds what memory allows (%d); using %d",
@@ -104,6 +122,7 @@ class ModelServer:
         else:
             self._batched.set_max_batch_size(cfg.max_batch_size)
             self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.metrics.batching(cfg.batch_wait_timeout_s, cfg.max_batch_size)
         logger.info("model %s batching retuned: %s", self.spec.name, cfg.model_dump())
 
     def check_health(self) -> None:
@@ -134,8 +153,11 @@ class ModelServer:
                     raise InvalidInput(
                         f"input 'input_ids'[{i}] holds token id {bad}; model {self.spec.name!r} has {self.model_vocab}"
                     )
+        if self._batching.adaptive and self._adapt_task is None:
+            self._adapt_task = asyncio.get_running_loop().create_task(self._adapt_loop())
         arrived = time.perf_counter()
-        entries = [BatchEntry(c, arrived) for c in inputs.split(self._batching.max_batch_size)]
+        # Chunk to the batcher's current cap (the controller may have lowered it below the config).
+        entries = [BatchEntry(c, arrived) for c in inputs.split(self._batched._get_max_batch_size())]
         for _ in entries:
             self.metrics.enqueued()
         try:
@@ -147,6 +169,8 @@ class ModelServer:
             if isinstance(r, BaseException):
                 raise r
         self.metrics.request_served()
+        done = time.perf_counter()
+        self._window.request(done, (done - arrived) * 1000.0, len(inputs))
         return InferenceResult(
             outputs=results[0].outputs if len(results) == 1 else np.concatenate([r.outputs for r in results]),
             batch_size=max(r.batch_size for r in results),
@@ -171,11 +195,30 @@ class ModelServer:
         self.metrics.dequeued(len(entries))
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
+        items = count_items(entries)
         self.metrics.batch_done(
-            count_items(entries), (time.perf_counter() - started) * 1000.0,
-            [(started - e.arrived_s) * 1000.0 for e in entries],
+            items, (time.perf_counter() - started) * 1000.0, [(started - e.arrived_s) * 1000.0 for e in entries]
         )
+        self._window.batch(time.perf_counter(), items / max(self._batched._get_max_batch_size(), 1))
         return results
+
+    async def _adapt_loop(self, period_s: float = 1.0) -> None:
+        """Adaptive batching: every period, feed the last window to the controller and apply it."""
+        while self._batching.adaptive:
+            await asyncio.sleep(period_s)
+            cfg = self._batching
+            ctl = ControllerConfig(
+                target_p99_ms=cfg.target_p99_ms, max_wait_s=cfg.max_wait_s,
+                cap_batch_size=cfg.max_batch_size,  # already bounded by memory
+            )
+            state = BatchingState(self._batched._get_batch_wait_timeout_s(), self._batched._get_max_batch_size())
+            decision = step(ctl, state, self._window.observe(time.perf_counter()))
+            if decision.state != state:
+                self._batched.set_batch_wait_timeout_s(decision.state.wait_s)
+                self._batched.set_max_batch_size(decision.state.max_batch_size)
+                self.metrics.batching(decision.state.wait_s, decision.state.max_batch_size)
+                logger.info("model %s adaptive batching: %s", self.spec.name, decision.reason)
+        self._adapt_task = None
 
     def _compute_isolated(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
         """Run the batch; if it fails, bisect so each failing entry fails alone."""

@@ -27,6 +27,23 @@ class LocalRunner(ModelRunner):
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
 
+    def measure_per_sample_bytes(self, seq_len: int, probe_batch: int = 8) -> int | None:
+        """Peak device memory one sample adds at `seq_len` (CUDA only; None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        ids = torch.ones(probe_batch, seq_len, dtype=torch.long)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.infer(ids, torch.ones_like(ids))
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return max(1, (peak - base) // probe_batch)
+
+    def free_device_bytes(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.mem_get_info(self.device)[0])
+
     @torch.inference_mode()
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         assert self.model is not None, "start() was not called"

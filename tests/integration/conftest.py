@@ -7,17 +7,15 @@ The app is deployed from the repo's serve_config.yaml through the same controlle
 
 from __future__ import annotations
 
-import copy
 import socket
-from typing import Any
 
 import httpx
 import pytest
 import ray
 from ray import serve
 from ray._common.test_utils import wait_for_condition
-from ray.serve.schema import ServeDeploySchema
 
+from app.bench.retune import deploy_config  # noqa: F401 - tests import it from here too
 from tests.helpers import serve_config
 
 
@@ -25,14 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def deploy_config(config: dict[str, Any]) -> None:
-    """Apply a whole serve config file's applications (declarative: apps left out are removed)."""
-    config = copy.deepcopy(config)
-    config.pop("http_options", None)  # the test cluster's proxy already listens on a free port
-    config.pop("proxy_location", None)
-    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
 
 
 def app_status(name: str):
