@@ -196,10 +196,9 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
         items = count_items(entries)
-        self.metrics.batch_done(
-            items, (time.perf_counter() - started) * 1000.0, [(started - e.arrived_s) * 1000.0 for e in entries]
-        )
-        self._window.batch(time.perf_counter(), items / max(self._batched._get_max_batch_size(), 1))
+        duration_s = time.perf_counter() - started
+        self.metrics.batch_done(items, duration_s * 1000.0, [(started - e.arrived_s) * 1000.0 for e in entries])
+        self._window.batch(time.perf_counter(), items / max(self._batched._get_max_batch_size(), 1), duration_s)
         return results
 
     async def _adapt_loop(self, period_s: float = 1.0) -> None:

@@ -3,6 +3,7 @@
   load   drive the HTTP ingress, print throughput / latency / batch size / cost per 1000
   sweep  retune max_batch_size live over a list, load each, print the table and write plots
   tune   Optuna search of batch size, wait and concurrent batches for max throughput under a p99
+  retune set batching fields of a running model live (no restart)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _sweep(ns: argparse.Namespace) -> int:
     print(HEADER)
     rows = run_sweep(ns.url, config, app, ns.model, sizes, concurrency=ns.concurrency, rate=ns.rate,
                      duration_s=ns.duration, items_per_request=ns.items_per_request, metrics_url=ns.metrics_url,
-                     progress=False)
+                     progress=False, batch_wait_s=ns.batch_wait_s)
     print("\n" + HEADER)
     for r in rows:
         print(format_row(r))
@@ -98,6 +99,22 @@ def _tune(ns: argparse.Namespace) -> int:
     text = override_yaml(app, ns.model, result["best"]["params"], base)
     Path(ns.override_out).write_text(text)
     print(f"wrote {ns.override_out}:\n{text}")
+    return 0
+
+
+def _retune(ns: argparse.Namespace) -> int:
+    from app.bench.retune import apply_batching, current_batching
+
+    config, app = _connect(ns)
+    uc = current_batching(ns.url, ns.model)
+    for item in ns.set:
+        key, _, value = item.partition("=")
+        if key not in uc:
+            print(f"unknown batching field {key!r}; fields: {sorted(uc)}", file=sys.stderr)
+            return 2
+        uc[key] = yaml.safe_load(value)
+    apply_batching(ns.url, config, app, ns.model, uc)
+    print(json.dumps(current_batching(ns.url, ns.model)))
     return 0
 
 
@@ -130,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     common(sp, 15.0)
     cluster(sp)
     sp.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    sp.add_argument("--batch-wait-s", type=float, help="batch_wait_timeout_s for every size (default: keep the deployment's)")
     sp.add_argument("--out", default="bench-results/sweep")
 
     tp = sub.add_parser("tune", help="Optuna: best batching for throughput under a p99 target")
@@ -142,10 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--study-name")
     tp.add_argument("--override-out", default="bench-results/tuned_override.yaml")
 
+    rp = sub.add_parser("retune", help="set batching fields live (a user_config override, no restart)")
+    rp.add_argument("--url", default="http://127.0.0.1:8000")
+    rp.add_argument("--model", default="minilm")
+    cluster(rp)
+    rp.add_argument("--set", nargs="+", required=True, metavar="FIELD=VALUE",
+                    help="e.g. --set max_batch_size=64 adaptive=true target_p99_ms=80")
+
     ns = p.parse_args(argv)
-    if ns.concurrency is None and ns.rate is None:
+    if getattr(ns, "concurrency", 0) is None and getattr(ns, "rate", 0) is None:
         ns.concurrency = 32
-    return {"load": _load, "sweep": _sweep, "tune": _tune}[ns.cmd](ns)
+    return {"load": _load, "sweep": _sweep, "tune": _tune, "retune": _retune}[ns.cmd](ns)
 
 
 if __name__ == "__main__":

@@ -85,12 +85,16 @@ class SweepRow:
 
 def run_sweep(url: str, config: dict[str, Any], app: str, model: str, batch_sizes: list[int], *,
               concurrency: Optional[int] = 32, rate: Optional[float] = None, duration_s: float = 15.0,
-              items_per_request: int = 1, metrics_url: Optional[str] = None, progress: bool = True) -> list[SweepRow]:
+              items_per_request: int = 1, metrics_url: Optional[str] = None, progress: bool = True,
+              batch_wait_s: Optional[float] = None) -> list[SweepRow]:
+    """`batch_wait_s` sets the wait for every size (default: keep the deployment's)."""
     original = current_batching(url, model)
     rows: list[SweepRow] = []
     try:
         for b in batch_sizes:
             uc = {**original, "max_batch_size": b}
+            if batch_wait_s is not None:
+                uc["batch_wait_timeout_s"] = batch_wait_s
             apply_batching(url, config, app, model, uc)
             with UtilisationSampler(metrics_url, model) as util:
                 summary, res = asyncio.run(run_load(url, model, duration_s, concurrency=concurrency, rate=rate,
