@@ -8,7 +8,8 @@ it first asks why p99 is high:
   serve more per second, so lengthen the wait (double it) to fill them, then grow the cap; at the
   longest wait and the full cap it is over capacity: hold and leave it to the autoscaler;
 - the replica has idle time: the wait itself is the cause, so halve it; at no wait, shrink the cap
-  if batches are large (a big batch's own run time dominates);
+  only if batches are large and their own run time is at least half the target (otherwise the time
+  goes elsewhere, e.g. a CPU shared with the proxy, and smaller batches would only cost more);
 - p99 well under the target (below `low_water` x target) and batches not full: lengthen the wait
   by a step, never past the time the current arrival rate needs to fill a batch; full batches grow
   the cap back toward its configured value;
@@ -47,6 +48,7 @@ class Observation:
     arrival_rate_per_s: float  # items arriving per second in the window
     samples: int  # completed requests in the window
     busy: float = 0.0  # share of the window during which a batch was executing
+    mean_batch_ms: float = 0.0  # mean run time of the window's batches
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Decision:
     reason: str
 
 
-def step(cfg: ControllerConfig, state: BatchingState, obs: Observation, min_samples: int = 20) -> Decision:
+def step(cfg: ControllerConfig, state: BatchingState, obs: Observation, min_samples: int = 10) -> Decision:
     if obs.samples < min_samples or math.isnan(obs.p99_ms):
         return Decision(state, f"hold: {obs.samples} samples in the window")
     target = cfg.target_p99_ms
@@ -75,12 +77,13 @@ def step(cfg: ControllerConfig, state: BatchingState, obs: Observation, min_samp
             wait = cfg.min_wait_s if wait < cfg.min_wait_s + 0.0005 else wait  # halving never reaches 0
             return Decision(replace(state, wait_s=wait), f"p99 {obs.p99_ms:.1f} ms > target {target:.0f} with idle time: "
                             f"wait -> {wait * 1000:.1f} ms")
-        if obs.mean_fill >= 0.5:
+        if obs.mean_fill >= 0.5 and obs.mean_batch_ms >= 0.5 * target:
             size = max(cfg.min_batch_size, int(state.max_batch_size * 0.75))
             if size < state.max_batch_size:
                 return Decision(replace(state, max_batch_size=size), f"p99 {obs.p99_ms:.1f} ms > target with no wait "
                                 f"and large batches: batch cap -> {size}")
-        return Decision(state, f"p99 {obs.p99_ms:.1f} ms > target with no wait and small batches: hold")
+        return Decision(state, f"p99 {obs.p99_ms:.1f} ms > target with no wait, and batches ({obs.mean_batch_ms:.1f} ms) "
+                               "are not what takes the time: hold")
     if obs.p99_ms < cfg.low_water * target:
         if obs.mean_fill < cfg.full_fill:
             fill_time = state.max_batch_size / obs.arrival_rate_per_s if obs.arrival_rate_per_s > 0 else cfg.max_wait_s
@@ -98,7 +101,7 @@ def step(cfg: ControllerConfig, state: BatchingState, obs: Observation, min_samp
 class Window:
     """The last `span_s` seconds of completed requests and batches, summarised as an Observation."""
 
-    def __init__(self, span_s: float = 2.0):
+    def __init__(self, span_s: float = 5.0):
         from collections import deque
 
         self.span_s = span_s
@@ -121,6 +124,7 @@ class Window:
         p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else float("nan")
         fill = sum(f[1] for f in self._fills) / len(self._fills) if self._fills else 0.0
         busy = min(1.0, sum(f[2] for f in self._fills) / self.span_s)
+        mean_batch_ms = 1000.0 * sum(f[2] for f in self._fills) / len(self._fills) if self._fills else 0.0
         items = sum(r[2] for r in self._requests)
         return Observation(p99_ms=p99, mean_fill=fill, arrival_rate_per_s=items / self.span_s, samples=len(lat),
-                           busy=busy)
+                           busy=busy, mean_batch_ms=mean_batch_ms)

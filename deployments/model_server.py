@@ -217,6 +217,8 @@ class ModelServer:
                 self._batched.set_max_batch_size(decision.state.max_batch_size)
                 self.metrics.batching(decision.state.wait_s, decision.state.max_batch_size)
                 logger.info("model %s adaptive batching: %s", self.spec.name, decision.reason)
+                # Judge the next step on traffic served under the new setting only.
+                self._window = Window()
         self._adapt_task = None
 
     def _compute_isolated(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:

@@ -7,8 +7,9 @@ from app.adaptive import BatchingState, ControllerConfig, Observation, Window, s
 CFG = ControllerConfig(target_p99_ms=100, min_wait_s=0.0, max_wait_s=0.05, wait_step_s=0.005, cap_batch_size=32)
 
 
-def obs(p99, fill=0.5, rate=1000.0, n=100, busy=0.3):
-    return Observation(p99_ms=p99, mean_fill=fill, arrival_rate_per_s=rate, samples=n, busy=busy)
+def obs(p99, fill=0.5, rate=1000.0, n=100, busy=0.3, batch_ms=60.0):
+    return Observation(p99_ms=p99, mean_fill=fill, arrival_rate_per_s=rate, samples=n, busy=busy,
+                       mean_batch_ms=batch_ms)
 
 
 def test_over_target_with_idle_time_halves_wait_then_shrinks_large_batches():
@@ -23,6 +24,12 @@ def test_over_target_with_idle_time_halves_wait_then_shrinks_large_batches():
 def test_over_target_with_small_batches_and_no_wait_holds():
     s = BatchingState(wait_s=0.0, max_batch_size=32)
     assert step(CFG, s, obs(150, fill=0.1)).state == s
+
+
+def test_over_target_when_time_goes_elsewhere_keeps_the_cap():
+    s = BatchingState(wait_s=0.0, max_batch_size=32)
+    d = step(CFG, s, obs(200, fill=0.9, batch_ms=10))
+    assert d.state == s and "not what takes the time" in d.reason
 
 
 def test_over_target_when_saturated_fills_bigger_batches():
@@ -68,7 +75,8 @@ def simulate(rate_per_s: float, steps: int = 300, seed: int = 0):
         rho = min(0.99, rate_per_s * service / n)
         latency = s.wait_s + service + service * rho / (2 * (1 - rho))
         p99 = latency * 1000 * 2.0 * rng.uniform(0.9, 1.1)
-        s = step(CFG, s, Observation(p99, n / s.max_batch_size, rate_per_s, 100, busy=rho)).state
+        s = step(CFG, s, Observation(p99, n / s.max_batch_size, rate_per_s, 100, busy=rho,
+                                     mean_batch_ms=service * 1000)).state
         trace.append((s.wait_s, s.max_batch_size, p99))
     return trace
 
@@ -94,4 +102,4 @@ def test_window_summarises_requests_and_busy_time():
     w.batch(11.5, fill=1.0, duration_s=0.5)
     o = w.observe(11.5)
     assert o.samples == 100 and o.p99_ms == 98.0 and o.mean_fill == 0.75
-    assert o.busy == 0.5 and o.arrival_rate_per_s == 100.0
+    assert o.busy == 0.5 and o.arrival_rate_per_s == 100.0 and o.mean_batch_ms == 500.0
