@@ -89,6 +89,38 @@ class DeviceBudget(_Strict):
     usable_fraction: float = Field(0.9, gt=0, le=1.0)
 
 
+class AutoscalingOptions(_Strict):
+    """Replica autoscaling of one model (Serve's autoscaler, on queue depth)."""
+
+    enabled: bool = False
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    # Ongoing (running + queued) requests per replica Serve aims for; None derives it from the batch
+    # size, so replicas are added when a replica holds a full batch's worth, not before batches fill.
+    target_ongoing_requests: Optional[float] = Field(None, gt=0)
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    metrics_interval_s: float = Field(1.0, gt=0)
+    look_back_period_s: float = Field(5.0, gt=0)
+    # `default`: Serve's ongoing-requests policy. `queue_depth`: app/autoscaling.py, on the batch
+    # queue (queued items per replica and queue wait against target_queue_wait_ms), with hysteresis.
+    policy: Literal["default", "queue_depth"] = "default"
+    target_queue_wait_ms: float = Field(100.0, gt=0)
+    # Backpressure: requests beyond this many queued at the handle get 503 at once (-1: unbounded).
+    max_queued_requests: int = Field(-1, ge=-1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.enabled and self.downscale_delay_s < self.look_back_period_s:
+            raise ValueError(
+                f"downscale_delay_s ({self.downscale_delay_s}) is shorter than look_back_period_s "
+                f"({self.look_back_period_s}): replicas would flap (ray #26455)"
+            )
+        return self
+
+
 class ParallelConfig(_Strict):
     """How a model is split over devices: chosen by the planner unless forced here."""
 
@@ -134,6 +166,7 @@ class ModelSpec(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions)
 
     @field_validator("labels")
     @classmethod
@@ -159,7 +192,17 @@ class ModelSpec(_Strict):
                 )
         if self.device == "cpu" and self.deployment.num_gpus > 0:
             raise ValueError("deployment.num_gpus: a model pinned to device 'cpu' should not reserve GPUs")
+        target = self.autoscaling.target_ongoing_requests
+        if target is not None and target > self.effective_max_ongoing_requests():
+            raise ValueError(
+                f"autoscaling.target_ongoing_requests: {target} exceeds max_ongoing_requests "
+                f"({self.effective_max_ongoing_requests()}); replicas could never reach it"
+            )
         return self
+
+    def effective_target_ongoing_requests(self) -> float:
+        a = self.autoscaling
+        return a.target_ongoing_requests or float(self.min_ongoing_requests)
 
     @property
     def min_ongoing_requests(self) -> int:

@@ -46,12 +46,16 @@ class InferenceResult:
     batch_size: int  # items in the largest batch this request's items ran in
     queue_wait_ms: float  # arrival at the replica to batch start (max over chunks)
     batch_ms: float = 0.0  # wall time of the batch run (tokenise + forward), max over chunks
+    replica: str = ""  # which replica answered, and on which node (for debugging and scaling tests)
+    node: str = ""
 
     def timing_headers(self) -> dict[str, str]:
         return {
             "X-Batch-Size": str(self.batch_size),
             "X-Queue-Wait-Ms": f"{self.queue_wait_ms:.2f}",
             "X-Batch-Ms": f"{self.batch_ms:.2f}",
+            "X-Replica": self.replica,
+            "X-Node": self.node,
         }
 
 

@@ -32,6 +32,26 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan) -> dict[str, A
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
     }
+    a = spec.autoscaling
+    options["max_queued_requests"] = a.max_queued_requests
+    if a.enabled:
+        options.pop("num_replicas")
+        autoscaling: dict[str, Any] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": spec.effective_target_ongoing_requests(),
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "metrics_interval_s": a.metrics_interval_s,
+            "look_back_period_s": a.look_back_period_s,
+        }
+        if a.policy == "queue_depth":
+            autoscaling["policy"] = {
+                "policy_function": "app.autoscaling:QueueDepthPolicy",
+                "policy_kwargs": {"items_per_replica": float(spec.min_ongoing_requests),
+                                  "target_queue_wait_ms": a.target_queue_wait_ms},
+            }
+        options["autoscaling_config"] = autoscaling
     if plan.strategy == "deepspeed_tp":
         # The replica only drives its ranks: bundle 0 is its own, bundles 1..tp hold one rank each,
         # packed onto one node. Each new replica reserves a whole new gang.

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,10 @@ class ModelServer:
         self._batched = self._make_batcher(self._batching)
         self._window = Window()
         self._adapt_task: asyncio.Task | None = None
+        self._pending_items = 0  # items received and not yet answered (queued + running)
+        self._recent_waits: deque[tuple[float, float]] = deque()  # (time, queue wait ms) for autoscaling
+        ctx = ray.get_runtime_context()
+        self._served_by = (serve.get_replica_context().replica_id.unique_id, ctx.get_node_id()[:12])
         self.metrics.batching(self._batching.batch_wait_timeout_s, self._batching.max_batch_size)
         logger.info(
             "model %s ready in %.1fs: %s, batching %s, torch threads %d",
@@ -128,6 +133,15 @@ class ModelServer:
     def check_health(self) -> None:
         self.runner.check_health()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics (app/autoscaling.py): items in the replica and queue wait p99."""
+        cut = time.monotonic() - 5.0
+        while self._recent_waits and self._recent_waits[0][0] < cut:
+            self._recent_waits.popleft()
+        waits = sorted(w for _, w in self._recent_waits)
+        p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))] if waits else 0.0
+        return {"queued_items": float(self._pending_items), "queue_wait_p99_ms": p99}
+
     # ------------------------------------------------------------------ handle methods
 
     async def ready(self) -> bool:
@@ -156,6 +170,7 @@ class ModelServer:
         if self._batching.adaptive and self._adapt_task is None:
             self._adapt_task = asyncio.get_running_loop().create_task(self._adapt_loop())
         arrived = time.perf_counter()
+        self._pending_items += len(inputs)
         # Chunk to the batcher's current cap (the controller may have lowered it below the config).
         entries = [BatchEntry(c, arrived) for c in inputs.split(self._batched._get_max_batch_size())]
         for _ in entries:
@@ -165,6 +180,7 @@ class ModelServer:
         finally:
             # A cancelled or failed request leaves the queue without its batch ever starting.
             self.metrics.dequeued(sum(1 for e in entries if not e.started))
+            self._pending_items -= len(inputs)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -176,6 +192,8 @@ class ModelServer:
             batch_size=max(r.batch_size for r in results),
             queue_wait_ms=max(r.queue_wait_ms for r in results),
             batch_ms=max(r.batch_ms for r in results),
+            replica=self._served_by[0],
+            node=self._served_by[1],
         )
 
     # ------------------------------------------------------------------ batching
@@ -197,6 +215,8 @@ class ModelServer:
         results = await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
         items = count_items(entries)
         duration_s = time.perf_counter() - started
+        now = time.monotonic()
+        self._recent_waits.extend((now, (started - e.arrived_s) * 1000.0) for e in entries)
         self.metrics.batch_done(items, duration_s * 1000.0, [(started - e.arrived_s) * 1000.0 for e in entries])
         self._window.batch(time.perf_counter(), items / max(self._batched._get_max_batch_size(), 1), duration_s)
         return results

@@ -14,6 +14,7 @@ import pytest
 import ray
 from ray import serve
 from ray._common.test_utils import wait_for_condition
+from ray.cluster_utils import Cluster
 
 from app.bench.retune import deploy_config  # noqa: F401 - tests import it from here too
 from tests.helpers import serve_config
@@ -29,26 +30,36 @@ def app_status(name: str):
     return serve.status().applications.get(name)
 
 
+WORKER_GPUS = 2  # logical GPUs on each worker node (no CUDA needed: they are scheduling tokens)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A Ray cluster of this test run only; yields the URL of its Prometheus metrics endpoint."""
-    metrics_port = free_port()
-    # Logical CPUs: replicas take fractions of them; 4 leaves room for extra test deployments.
-    ray.init(num_cpus=4, include_dashboard=False, namespace="batchserve-tests", log_to_driver=False,
-             _metrics_export_port=metrics_port)
-    yield f"http://127.0.0.1:{metrics_port}/metrics"
+    """A three-node Ray cluster of this test run only (head + 2 workers with logical GPUs), all on
+    this machine; yields the Prometheus endpoint of every node, as Prometheus discovers them."""
+    ports = [free_port() for _ in range(3)]
+    # Logical CPUs: replicas take fractions of them.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "num_gpus": 0, "include_dashboard": False, "metrics_export_port": ports[0]})
+    for port in ports[1:]:
+        cluster.add_node(num_cpus=2, num_gpus=WORKER_GPUS, metrics_export_port=port)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="batchserve-tests", log_to_driver=False)
+    yield [f"http://127.0.0.1:{p}/metrics" for p in ports]
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
-def metrics_url(ray_cluster) -> str:
+def metrics_urls(ray_cluster) -> list[str]:
     return ray_cluster
 
 
 @pytest.fixture(scope="session")
 def http_port(ray_cluster) -> int:
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One proxy, on the head: every node of this test cluster shares 127.0.0.1.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
 

@@ -25,13 +25,13 @@ REPLICA_CPUS = 0.25
 GPU_ONLY = {"ray_batchserve_gpu_utilization_percent", "ray_batchserve_gpu_memory_used_bytes"}
 
 
-def scrape(url: str) -> dict[str, list]:
-    """Sample name -> [(labels, value)], from the real endpoint through prometheus_client's parser."""
-    text = httpx.get(url, timeout=10).text
+def scrape(urls: list[str]) -> dict[str, list]:
+    """Sample name -> [(labels, value)] over every node's endpoint, through prometheus_client's parser."""
     out: dict[str, list] = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name].append((s.labels, s.value))
+    for url in urls:
+        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            for s in family.samples:
+                out[s.name].append((s.labels, s.value))
     return out
 
 
@@ -65,18 +65,18 @@ async def _traffic(url: str) -> list[int]:
         return [r.status_code for r in await asyncio.gather(*good, *long, *bad)]
 
 
-def test_scrape_matches_known_traffic(metered_url, metrics_url):
+def test_scrape_matches_known_traffic(metered_url, metrics_urls):
     statuses = asyncio.run(_traffic(metered_url))
     assert statuses.count(200) == GOOD and statuses.count(413) == TOO_LONG and statuses.count(400) == MALFORMED
 
     def exported() -> bool:
-        s = scrape(metrics_url)
+        s = scrape(metrics_urls)
         return (total(s, "ray_batchserve_requests_total", model=MODEL, outcome="ok") == GOOD
                 and total(s, "ray_batchserve_batch_size_count", model=MODEL) > 0
                 and total(s, "ray_batchserve_cost_per_1k_requests_usd", model=MODEL) > 0)
 
     wait_for_condition(exported, timeout=90, retry_interval_ms=2000)
-    s = scrape(metrics_url)
+    s = scrape(metrics_urls)
     route = "/v1/models/{name}:predict"
     assert total(s, "ray_batchserve_requests_total", model=MODEL, route=route, outcome="ok") == GOOD
     assert total(s, "ray_batchserve_requests_total", model=MODEL, outcome="client_error") == TOO_LONG + MALFORMED
@@ -99,12 +99,12 @@ def test_scrape_matches_known_traffic(metered_url, metrics_url):
     assert total(s, "ray_batchserve_cost_usd_total", model=MODEL) > 0
 
 
-def test_dashboard_names_only_scraped_metrics(metered_url, metrics_url):
+def test_dashboard_names_only_scraped_metrics(metered_url, metrics_urls):
     dash = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 10 and all(p["datasource"]["type"] == "prometheus" for p in dash["panels"])
     named = {m for e in exprs for m in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
-    scraped = set(scrape(metrics_url))
+    scraped = set(scrape(metrics_urls))
     missing = named - scraped - GPU_ONLY
     assert not missing, f"dashboard names metrics the service does not export: {sorted(missing)}"
     for panel in ("QPS", "p99", "Batch size", "Queue depth", "GPU utilisation", "Cost per 1000"):

@@ -1,0 +1,164 @@
+"""Autoscaling across a multi-node cluster with logical GPUs: up under a burst, down after it, and
+not one request lost on the way; tensor-parallel replicas scale as whole gangs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from ray._common.test_utils import wait_for_condition
+
+from tests.helpers import serve_config, tiny_bert_spec
+from tests.integration.conftest import app_status, deploy_config, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Traffic:
+    statuses: list[int] = field(default_factory=list)
+    served_by: list[tuple[float, str, str]] = field(default_factory=list)  # (t, replica, node)
+    wrong: int = 0
+
+
+async def drive(url: str, model: str, clients: int, seconds: float, traffic: Traffic, t0: float,
+                until_replicas: int = 0) -> None:
+    """Closed-loop load for `seconds`, or until `until_replicas` distinct replicas have answered."""
+    path = f"/v1/models/{model}:predict"
+
+    def done() -> bool:
+        return time.monotonic() - t0 >= seconds or (
+            until_replicas > 0 and len({r for _, r, _ in traffic.served_by}) >= until_replicas)
+
+    async def client(k: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            i = 0
+            while not done():
+                text = f"client {k} request {i}"
+                r = await c.post(path, json={"instances": [text]})
+                traffic.statuses.append(r.status_code)
+                if r.status_code == 200:
+                    if len(r.json()["predictions"]) != 1:
+                        traffic.wrong += 1
+                    traffic.served_by.append((time.monotonic() - t0, r.headers["x-replica"], r.headers["x-node"]))
+                i += 1
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    status = app_status(app)
+    if status is None or deployment not in status.deployments:
+        return 0
+    return status.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def _app(name: str, models: list[dict]) -> dict:
+    return {"name": name, "route_prefix": f"/{name}", "import_path": "deployments.builder:build_app",
+            "args": {"models": models}}
+
+
+@pytest.fixture(scope="module", params=["default", "queue_depth"])
+def scaling_url(base_url, request):
+    """The same small model under Serve's default policy and under ours (app/autoscaling.py)."""
+    scaler = tiny_bert_spec(
+        name="scaler",
+        # 8 clients against batches of 2: four replicas' worth of queue for either policy.
+        batching={"max_batch_size": 2, "batch_wait_timeout_s": 0.005},
+        deployment={"num_cpus": 0.1, "num_gpus": 1},  # one logical GPU: 4 replicas need both workers
+        autoscaling={"enabled": True, "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
+                     "upscale_delay_s": 0.5, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
+                     "look_back_period_s": 2, "policy": request.param, "target_queue_wait_ms": 50},
+    )
+    config = serve_config()
+    config["applications"].append(_app("scaling", [scaler]))
+    deploy_config(config)
+    url = f"{base_url}/scaling"
+    wait_ready(url)
+    yield url
+    deploy_config(serve_config())
+    wait_for_condition(lambda: app_status("scaling") is None, timeout=120)
+
+
+def test_scales_out_across_nodes_and_back_without_losing_requests(scaling_url):
+    assert running_replicas("scaling", "scaler") == 1
+    traffic = Traffic()
+    t0 = time.monotonic()
+    asyncio.run(drive(scaling_url, "scaler", clients=8, seconds=120, traffic=traffic, t0=t0, until_replicas=3))
+    replicas = {r for _, r, _ in traffic.served_by}
+    nodes = {n for _, _, n in traffic.served_by}
+    first_new = min((t for t, r, _ in traffic.served_by if r != traffic.served_by[0][1]), default=float("nan"))
+    print(f"\n[{scaling_url}] burst: {len(traffic.statuses)} requests, {len(replicas)} replicas on {len(nodes)} nodes; "
+          f"first request served by a new replica {first_new:.1f} s after the load step; "
+          f"status: {app_status('scaling').deployments['scaler']}")
+    assert len(replicas) >= 3, replicas
+    assert len(nodes) >= 2, nodes
+    assert set(traffic.statuses) == {200} and traffic.wrong == 0
+
+    # Load stops: back down to one replica; a trickle of requests during scale-down all succeed.
+    trickle = Traffic()
+    t1 = time.monotonic()
+
+    async def trickle_until_one() -> None:
+        async with httpx.AsyncClient(base_url=scaling_url, timeout=60) as c:
+            while running_replicas("scaling", "scaler") > 1 and time.monotonic() - t1 < 90:
+                r = await c.post("/v1/models/scaler:predict", json={"instances": ["trickle"]})
+                trickle.statuses.append(r.status_code)
+                await asyncio.sleep(0.1)
+
+    asyncio.run(trickle_until_one())
+    print(f"scaled down to 1 replica {time.monotonic() - t1:.1f} s after the load stopped; "
+          f"{len(trickle.statuses)} requests during scale-down")
+    assert running_replicas("scaling", "scaler") == 1
+    assert trickle.statuses and set(trickle.statuses) == {200}
+
+
+@pytest.fixture(scope="module")
+def gang_url(base_url):
+    gang = {
+        "name": "gang",
+        "source": {"kind": "random_init", "architecture": "llama",
+                   "config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 4}},
+        "task": "embed",
+        "max_seq_len": 32,
+        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.005},
+        "deployment": {"num_cpus": 0.1},
+        "parallel": {"strategy": "deepspeed_tp", "tp": 2, "rank_num_cpus": 0.25,
+                     "devices": {"kind": "cpu", "per_node": 2}},
+        "autoscaling": {"enabled": True, "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                        "upscale_delay_s": 0.5, "downscale_delay_s": 60, "metrics_interval_s": 0.5,
+                        "look_back_period_s": 2},
+    }
+    config = serve_config()
+    config["applications"].append(_app("gangs", [gang]))
+    deploy_config(config)
+    url = f"{base_url}/gangs"
+    wait_ready(url, timeout_s=300)
+    yield url
+    deploy_config(serve_config())
+    wait_for_condition(lambda: app_status("gangs") is None, timeout=120)
+
+
+def test_tensor_parallel_replicas_scale_as_whole_gangs(gang_url):
+    assert running_replicas("gangs", "gang") == 1
+    traffic = Traffic()
+    t0 = time.monotonic()
+
+    async def until_two() -> None:
+        await drive(gang_url, "gang", clients=12, seconds=150, traffic=traffic, t0=t0, until_replicas=2)
+
+    asyncio.run(until_two())
+    replicas = {r for _, r, _ in traffic.served_by}
+    assert len(replicas) == 2, "a second tensor-parallel gang never served"
+    assert running_replicas("gangs", "gang") == 2
+    assert all(s == 200 for s in traffic.statuses)
+    # Each gang reserved its own placement group: 2 replicas x (own bundle + 2 ranks).
+    from ray.util import placement_group_table
+
+    groups = [g for g in placement_group_table().values()
+              if g["state"] == "CREATED" and len(g["bundles"]) == 3 and g["strategy"] == "STRICT_PACK"]
+    assert len(groups) >= 2
