@@ -63,7 +63,18 @@ def tokenizer_dir(spec: ModelSpec) -> Path:
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(spec)), use_fast=True)
+    path = tokenizer_dir(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except ImportError:
+        # AutoTokenizer resolves the class through every model family; a trimmed transformers
+        # install (the GPU machines' carried wheel) lacks some. tokenizer.json holds the whole
+        # pipeline, so the generic fast tokenizer gives the same ids.
+        from transformers import PreTrainedTokenizerFast
+
+        if not (path / "tokenizer.json").exists():
+            raise
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
