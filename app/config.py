@@ -155,6 +155,15 @@ class ParallelConfig(_Strict):
         return self
 
 
+class FaultInjection(_Strict):
+    """Chaos drills and tests only (off by default): make the model misbehave on purpose."""
+
+    # An item whose text equals this fails inside the model (its batch-mates must not).
+    fail_on_text: Optional[str] = None
+    # Extra seconds every batch takes, to build queues and overload on a small machine.
+    batch_delay_s: float = Field(0.0, ge=0, le=60)
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     source: ModelSource
@@ -169,6 +178,7 @@ class ModelSpec(_Strict):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions)
+    faults: FaultInjection = Field(default_factory=FaultInjection)
 
     @field_validator("labels")
     @classmethod

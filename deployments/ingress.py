@@ -14,7 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -117,7 +117,13 @@ class Ingress:
 
     async def _infer(self, name: str, inputs: ModelInput) -> InferenceResult:
         try:
-            return await self.handles[name].infer.remote(inputs)
+            try:
+                return await self.handles[name].infer.remote(inputs)
+            except RayActorError:
+                # The replica died mid-request (killed, OOM, node lost). Inference has no side
+                # effects, so one retry on another replica is safe; a second failure is reported.
+                logger.warning("model %s: replica died during a request; retrying once", name)
+                return await self.handles[name].infer.remote(inputs)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             raise _unwrap(e) from None
 

@@ -253,6 +253,13 @@ class ModelServer:
             return self._compute_isolated(entries[:mid], started) + self._compute_isolated(entries[mid:], started)
 
     def _compute(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
+        faults = self.spec.faults
+        if faults.batch_delay_s:
+            time.sleep(faults.batch_delay_s)
+        if faults.fail_on_text is not None and any(
+            faults.fail_on_text in (e.inputs.texts or ()) for e in entries
+        ):
+            raise RuntimeError("injected fault (faults.fail_on_text)")
         rows = self.encoder.encode([e.inputs for e in entries])
         ids, mask = collate(rows, self.encoder.pad_id)
         outputs = self.runner.infer(ids, mask)

@@ -24,7 +24,7 @@ def test_user_config_retunes_without_restart(client):
     config["applications"][0]["deployments"] = [{"name": "minilm", "user_config": new}]
     try:
         deploy_config(config)
-        wait_for_condition(lambda: _minilm(client)["batching"] == new, timeout=60)
+        wait_for_condition(lambda: new.items() <= _minilm(client)["batching"].items(), timeout=60)
         after = _minilm(client)
         assert after["replica"] == before["replica"], "the replica was restarted instead of retuned"
         texts = [f"t{i}" for i in range(20)]
