@@ -7,7 +7,9 @@ The app is deployed from the repo's serve_config.yaml through the same controlle
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -87,3 +89,24 @@ def base_url(http_port) -> str:
 def client(base_url):
     with httpx.Client(base_url=base_url, timeout=60) as c:
         yield c
+
+
+def app_entry(name: str, models: list[dict[str, Any]], **args: Any) -> dict[str, Any]:
+    """An application entry of a serve config, served under /<name>."""
+    return {"name": name, "route_prefix": f"/{name}", "import_path": "deployments.builder:build_app",
+            "args": {"models": models, **args}}
+
+
+@contextlib.contextmanager
+def extra_app(base_url: str, app: dict[str, Any], ready_timeout_s: float = 180) -> Iterator[str]:
+    """Serve `app` beside the repo's config for the duration; yields its URL, then removes it."""
+    config = serve_config()
+    config["applications"].append(app)
+    deploy_config(config)
+    url = f"{base_url}{app['route_prefix']}"
+    wait_ready(url, timeout_s=ready_timeout_s)
+    try:
+        yield url
+    finally:
+        deploy_config(serve_config())
+        wait_for_condition(lambda: app_status(app["name"]) is None, timeout=120)

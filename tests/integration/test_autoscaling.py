@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from ray._common.test_utils import wait_for_condition
 
-from tests.helpers import serve_config, tiny_bert_spec
-from tests.integration.conftest import app_status, deploy_config, wait_ready
+from tests.helpers import tiny_bert_spec
+from tests.integration.conftest import app_entry, app_status, extra_app
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +55,6 @@ def running_replicas(app: str, deployment: str) -> int:
     return status.deployments[deployment].replica_states.get("RUNNING", 0)
 
 
-def _app(name: str, models: list[dict]) -> dict:
-    return {"name": name, "route_prefix": f"/{name}", "import_path": "deployments.builder:build_app",
-            "args": {"models": models}}
-
-
 @pytest.fixture(scope="module", params=["default", "queue_depth"])
 def scaling_url(base_url, request):
     """The same small model under Serve's default policy and under ours (app/autoscaling.py)."""
@@ -73,14 +67,8 @@ def scaling_url(base_url, request):
                      "upscale_delay_s": 0.5, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
                      "look_back_period_s": 2, "policy": request.param, "target_queue_wait_ms": 50},
     )
-    config = serve_config()
-    config["applications"].append(_app("scaling", [scaler]))
-    deploy_config(config)
-    url = f"{base_url}/scaling"
-    wait_ready(url)
-    yield url
-    deploy_config(serve_config())
-    wait_for_condition(lambda: app_status("scaling") is None, timeout=120)
+    with extra_app(base_url, app_entry("scaling", [scaler])) as url:
+        yield url
 
 
 def test_scales_out_across_nodes_and_back_without_losing_requests(scaling_url):
@@ -133,14 +121,8 @@ def gang_url(base_url):
                         "upscale_delay_s": 0.5, "downscale_delay_s": 60, "metrics_interval_s": 0.5,
                         "look_back_period_s": 2},
     }
-    config = serve_config()
-    config["applications"].append(_app("gangs", [gang]))
-    deploy_config(config)
-    url = f"{base_url}/gangs"
-    wait_ready(url, timeout_s=300)
-    yield url
-    deploy_config(serve_config())
-    wait_for_condition(lambda: app_status("gangs") is None, timeout=120)
+    with extra_app(base_url, app_entry("gangs", [gang]), ready_timeout_s=300) as url:
+        yield url
 
 
 def test_tensor_parallel_replicas_scale_as_whole_gangs(gang_url):

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from ray._common.test_utils import wait_for_condition
 
-from tests.helpers import ROOT, serve_config, tiny_bert_spec
-from tests.integration.conftest import app_status, deploy_config, wait_ready
+from tests.helpers import ROOT, tiny_bert_spec
+from tests.integration.conftest import app_entry, extra_app
 
 pytestmark = pytest.mark.integration
 
@@ -41,19 +41,11 @@ def total(samples: dict[str, list], name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def metered_url(base_url):
-    config = serve_config()
     spec = tiny_bert_spec(name=MODEL, batching={"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
                           limits={"max_text_chars": 100}, deployment={"num_cpus": REPLICA_CPUS})
-    config["applications"].append({
-        "name": "metered", "route_prefix": "/metered", "import_path": "deployments.builder:build_app",
-        "args": {"models": [spec], "cost": {"gpu_hour_usd": 10.0, "cpu_hour_usd": CPU_HOUR_USD, "window_s": 60}},
-    })
-    deploy_config(config)
-    url = f"{base_url}/metered"
-    wait_ready(url)
-    yield url
-    deploy_config(serve_config())
-    wait_for_condition(lambda: app_status("metered") is None, timeout=120)
+    cost = {"gpu_hour_usd": 10.0, "cpu_hour_usd": CPU_HOUR_USD, "window_s": 60}
+    with extra_app(base_url, app_entry("metered", [spec], cost=cost)) as url:
+        yield url
 
 
 async def _traffic(url: str) -> list[int]:

@@ -8,13 +8,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from ray._common.test_utils import wait_for_condition
 
 from app.config import ModelSpec
 from app.planner import plan_model
 from app.runners.local import LocalRunner
-from tests.helpers import parallel_config, serve_config
-from tests.integration.conftest import app_status, deploy_config, wait_ready
+from tests.helpers import parallel_config
+from tests.integration.conftest import extra_app
 
 pytestmark = pytest.mark.integration
 
@@ -107,16 +106,10 @@ def test_tensor_parallel_dead_rank_fails_health_check(ray_cluster):
 
 @pytest.fixture(scope="module")
 def parallel_url(base_url):
-    config = serve_config()
     app = parallel_config()["applications"][0]
     app["name"], app["route_prefix"] = "parallel", "/parallel"
-    config["applications"].append(app)
-    deploy_config(config)
-    url = f"{base_url}/parallel"
-    wait_ready(url, timeout_s=300)
-    yield url
-    deploy_config(serve_config())
-    wait_for_condition(lambda: app_status("parallel") is None, timeout=120)
+    with extra_app(base_url, app, ready_timeout_s=300) as url:
+        yield url
 
 
 def test_parallel_models_are_planned_and_listed(parallel_url):

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray._common.test_utils import wait_for_condition
 
-from tests.helpers import serve_config, tiny_bert_spec
-from tests.integration.conftest import app_status, deploy_config, wait_ready
+from tests.helpers import tiny_bert_spec
+from tests.integration.conftest import app_entry, app_status, extra_app
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +37,8 @@ def fragile_url(base_url):
         autoscaling={"max_queued_requests": 24},
         faults={"fail_on_text": POISON, "batch_delay_s": 0.05},
     )
-    config = serve_config()
-    config["applications"].append({"name": "fragile", "route_prefix": "/fragile",
-                                   "import_path": "deployments.builder:build_app", "args": {"models": [spec]}})
-    deploy_config(config)
-    url = f"{base_url}/fragile"
-    wait_ready(url)
-    yield url
-    deploy_config(serve_config())
-    wait_for_condition(lambda: app_status("fragile") is None, timeout=120)
+    with extra_app(base_url, app_entry("fragile", [spec])) as url:
+        yield url
 
 
 async def _post_many(url: str, bodies: list[dict], timeout: float = 60) -> list[httpx.Response | Exception]:
