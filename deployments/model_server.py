@@ -151,7 +151,7 @@ class ModelServer:
         return {
             "name": self.spec.name,
             "task": self.spec.task,
-            "replica": serve.get_replica_context().replica_id.unique_id,
+            "replica": self._served_by[0],
             **self.runner.describe(),
             "batching": self._batching.model_dump(),
             "plan": self.plan.as_dict(),
@@ -215,9 +215,10 @@ class ModelServer:
         results = await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
         items = count_items(entries)
         duration_s = time.perf_counter() - started
+        waits_ms = [(started - e.arrived_s) * 1000.0 for e in entries]
         now = time.monotonic()
-        self._recent_waits.extend((now, (started - e.arrived_s) * 1000.0) for e in entries)
-        self.metrics.batch_done(items, duration_s * 1000.0, [(started - e.arrived_s) * 1000.0 for e in entries])
+        self._recent_waits.extend((now, w) for w in waits_ms)
+        self.metrics.batch_done(items, duration_s * 1000.0, waits_ms)
         self._window.batch(time.perf_counter(), items / max(self._batched._get_max_batch_size(), 1), duration_s)
         return results
 

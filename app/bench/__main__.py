@@ -20,17 +20,11 @@ from app.bench.load import run_load
 
 
 def _cost_per_1k(metrics_url: str | None, model: str) -> float | None:
-    if not metrics_url:
-        return None
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
+    from app.bench.scrape import sample_values
 
-    try:
-        text = httpx.get(metrics_url, timeout=5).text
-    except httpx.HTTPError:
-        return None
-    vals = [s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == "ray_batchserve_cost_per_1k_requests_usd" and s.labels.get("model") == model]
+    name = "ray_batchserve_cost_per_1k_requests_usd"
+    got = sample_values(metrics_url, {name}, model) if metrics_url else None
+    vals = got[name] if got else []
     return sum(vals) / len(vals) if vals else None
 
 

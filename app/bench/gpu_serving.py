@@ -145,19 +145,13 @@ class GaugeSampler:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def read(self) -> tuple[Optional[float], Optional[float]]:
-        from prometheus_client.parser import text_string_to_metric_families
+        from app.bench.scrape import sample_values
 
-        try:
-            text = httpx.get(self.url, timeout=5).text
-        except httpx.HTTPError:
+        util_name, mem_name = "ray_batchserve_gpu_utilization_percent", "ray_batchserve_gpu_memory_used_bytes"
+        got = sample_values(self.url, {util_name, mem_name})
+        if got is None:
             return None, None
-        util, mem = [], []
-        for f in text_string_to_metric_families(text):
-            for s in f.samples:
-                if s.name == "ray_batchserve_gpu_utilization_percent":
-                    util.append(s.value)
-                elif s.name == "ray_batchserve_gpu_memory_used_bytes":
-                    mem.append(s.value)
+        util, mem = got[util_name], got[mem_name]
         return (max(util) if util else None), (max(mem) if mem else None)
 
     def _run(self) -> None:

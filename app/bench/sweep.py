@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import httpx
 
 from app.bench.load import run_load
 from app.bench.retune import apply_batching, current_batching
+from app.bench.scrape import sample_values
 
 
 class UtilisationSampler:
@@ -31,16 +31,9 @@ class UtilisationSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _gpu_util(self) -> Optional[float]:
-        if not self.metrics_url:
-            return None
-        from prometheus_client.parser import text_string_to_metric_families
-
-        try:
-            text = httpx.get(self.metrics_url, timeout=5).text
-        except httpx.HTTPError:
-            return None
-        vals = [s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "ray_batchserve_gpu_utilization_percent" and s.labels.get("model") == self.model]
+        name = "ray_batchserve_gpu_utilization_percent"
+        got = sample_values(self.metrics_url, {name}, self.model) if self.metrics_url else None
+        vals = got[name] if got else []
         return sum(vals) / len(vals) if vals else None
 
     def _run(self) -> None:
