@@ -50,6 +50,24 @@ def collate(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def token_budget_groups(rows: Sequence[Sequence[int]], budget: int) -> list[Sequence[Sequence[int]]]:
+    """Consecutive groups of rows whose padded size (rows x longest row) stays within `budget`.
+
+    Order is kept so outputs concatenate back in place; a single row always forms a group.
+    """
+    groups: list[Sequence[Sequence[int]]] = []
+    start, longest = 0, 0
+    for i, r in enumerate(rows):
+        longest_with = max(longest, len(r))
+        if i > start and (i - start + 1) * longest_with > budget:
+            groups.append(rows[start:i])
+            start, longest_with = i, len(r)
+        longest = longest_with
+    if start < len(rows):
+        groups.append(rows[start:])
+    return groups
+
+
 def split_rows(outputs: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
     if outputs.shape[0] != sum(sizes):
         raise RuntimeError(f"runner returned {outputs.shape[0]} rows for {sum(sizes)} items")

@@ -66,6 +66,10 @@ class LimitsConfig(_Strict):
     max_items_per_request: int = Field(64, ge=1, le=100_000)
     max_text_chars: int = Field(20_000, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # Padded tokens (rows x longest row) one batch may hold: the guard against many long inputs
+    # blowing device memory. Batches are cut so none exceeds it, and a request whose own tokens
+    # exceed it is refused with 413 before it joins a batch. None: max_batch_size x max_seq_len.
+    max_batch_tokens: Optional[int] = Field(None, ge=1)
 
 
 class DeploymentOptions(_Strict):
@@ -155,6 +159,27 @@ class ParallelConfig(_Strict):
         return self
 
 
+class AccelerationConfig(_Strict):
+    """Model-side speed-ups (CUDA only; ignored on the CPU)."""
+
+    # Capture one CUDA graph per (batch bucket, sequence bucket) at start; a batch is padded up to
+    # the nearest bucket and replayed, which removes the per-kernel launch cost of small batches.
+    cuda_graphs: bool = False
+    # Batch buckets: powers of two up to the batch cap unless given. Sequence buckets: multiples of
+    # 32 up to max_seq_len unless given. Larger than any bucket -> the eager path.
+    batch_buckets: Optional[list[int]] = None
+    seq_buckets: Optional[list[int]] = None
+
+    @field_validator("batch_buckets", "seq_buckets")
+    @classmethod
+    def _positive_sorted(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is None:
+            return v
+        if not v or any(b < 1 for b in v):
+            raise ValueError("buckets must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+
 class FaultInjection(_Strict):
     """Chaos drills and tests only (off by default): make the model misbehave on purpose."""
 
@@ -162,6 +187,8 @@ class FaultInjection(_Strict):
     fail_on_text: Optional[str] = None
     # Extra seconds every batch takes, to build queues and overload on a small machine.
     batch_delay_s: float = Field(0.0, ge=0, le=60)
+    # A batch of more than this many items raises torch's OutOfMemoryError, as a full device would.
+    oom_above_items: Optional[int] = Field(None, ge=1)
 
 
 class ModelSpec(_Strict):
@@ -179,6 +206,7 @@ class ModelSpec(_Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions)
     faults: FaultInjection = Field(default_factory=FaultInjection)
+    acceleration: AccelerationConfig = Field(default_factory=AccelerationConfig)
 
     @field_validator("labels")
     @classmethod
@@ -202,6 +230,12 @@ class ModelSpec(_Strict):
                 raise ValueError(
                     f"max_seq_len: {self.max_seq_len} exceeds source.config.max_position_embeddings ({max_pos})"
                 )
+        budget = self.limits.max_batch_tokens
+        if budget is not None and budget < self.max_seq_len:
+            raise ValueError(
+                f"limits.max_batch_tokens: {budget} is below max_seq_len ({self.max_seq_len}); "
+                "one full-length item could never run"
+            )
         if self.device == "cpu" and self.deployment.num_gpus > 0:
             raise ValueError("deployment.num_gpus: a model pinned to device 'cpu' should not reserve GPUs")
         target = self.autoscaling.target_ongoing_requests
@@ -231,6 +265,13 @@ class ModelSpec(_Strict):
 
 
 class IngressOptions(_Strict):
+    """`routed`: one FastAPI ingress deployment calls one model-server deployment per model through
+    Serve handles (many models, each scaled on its own). `fused`: the model server *is* the HTTP
+    ingress (one model per application): no second hop, which is the fast path (README, #7).
+    In fused mode the model's own `deployment`/`autoscaling` settings apply and the fields below
+    except `mode` are ignored."""
+
+    mode: Literal["routed", "fused"] = "routed"
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0.0)
     max_ongoing_requests: int = Field(1000, ge=1)
@@ -259,6 +300,11 @@ class AppArgs(_Strict):
             if m.name in seen:
                 raise ValueError(f"models[{i}].name: duplicate model name {m.name!r}")
             seen.add(m.name)
+            if self.ingress.mode == "fused" and len(self.models) != 1:
+                raise ValueError(
+                    f"ingress.mode: 'fused' serves exactly one model per application ({len(self.models)} given); "
+                    "declare one application per model, each with its own route_prefix"
+                )
             max_ongoing = m.deployment.max_ongoing_requests
             if max_ongoing is not None and max_ongoing < m.min_ongoing_requests:
                 raise ValueError(

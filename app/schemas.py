@@ -392,3 +392,43 @@ def v2_model_metadata(spec: ModelSpec, embed_dim: Optional[int]) -> dict[str, An
         ],
         "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, out_dim]} for n in output_names(spec)],
     }
+
+
+# ---------------------------------------------------------------------------------------- OpenAPI
+
+# Request bodies as JSON Schema, published in the app's OpenAPI document (/openapi.json, /docs) so
+# clients and schema-driven fuzzers (schemathesis, in the tests) know the wire format. The parsers
+# above remain the authority: they also enforce the per-model limits, which a schema cannot know.
+_TEXTS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+_IDS = {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "minItems": 1}
+V1_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["instances"],
+    "properties": {"instances": {"oneOf": [_TEXTS, _IDS],
+                                 "description": "texts, or token id lists (one per item)"}},
+}
+V2_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "datatype", "shape", "data"],
+            "properties": {
+                "name": {"type": "string", "enum": ["text", "input_ids", "attention_mask"]},
+                "datatype": {"type": "string", "enum": ["BYTES", "INT64", "INT32"]},
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
+                "data": {"type": "array"},
+                "parameters": {"type": "object"},
+            }}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        "parameters": {"type": "object"},
+    },
+}
+
+
+def openapi_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its body itself (raw bytes, parsed by this module)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

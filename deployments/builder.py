@@ -11,7 +11,7 @@ from ray.serve import Application
 from app.config import AppArgs, ModelSpec, parse_app_args
 from app.models.loader import load_tokenizer
 from app.planner import ParallelPlan, PlanError, plan_model
-from deployments.ingress import Ingress
+from deployments.ingress import FusedIngress, Ingress
 from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
@@ -89,6 +89,12 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     application and restart every replica.
     """
     args: AppArgs = parse_app_args(raw_args)
+    if args.ingress.mode == "fused":
+        # One deployment that is ingress and model server at once; named after its model so that
+        # `deployments: [{name: <model>, user_config: ...}]` retunes it exactly as in routed mode.
+        (spec,) = args.models
+        plan, vocab = _plan(spec, 0)
+        return serve.deployment(FusedIngress).options(**model_deployment_options(spec, plan)).bind(args, plan, vocab)
     handles = {}
     for i, spec in enumerate(args.models):
         if spec.name == INGRESS_NAME:

@@ -14,22 +14,28 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppArgs, ModelSpec
+from app.planner import ParallelPlan
 from app.metrics import IngressMetrics
 from app.errors import InvalidInput, ModelFailure, ModelNotFound, Overloaded, PayloadTooLarge, ServingError
 from app.schemas import (
+    V1_REQUEST_SCHEMA,
+    V2_REQUEST_SCHEMA,
     InferenceResult,
     ModelInput,
     encode_v2_response,
+    openapi_body,
     parse_v1_request,
     parse_v2_request,
     v1_predictions,
     v2_model_metadata,
 )
+from deployments.clients import HandleClient, LocalClient, ModelClient
+from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
 
@@ -38,9 +44,6 @@ api = FastAPI(
     description="PyTorch models behind Ray Serve with dynamic batching (Open Inference Protocol v2 and a simple JSON route).",
 )
 
-_READY_TIMEOUT_S = 2.0
-
-
 def _json(doc: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
     return Response(
         orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status, media_type="application/json",
@@ -48,24 +51,44 @@ def _json(doc: Any, status: int = 200, headers: Optional[dict[str, str]] = None)
     )
 
 
-@api.middleware("http")
-async def _observe(request: Request, call_next):
-    """Count every request by model, route and outcome, and time it (app/metrics.py)."""
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        metrics: Optional[IngressMetrics] = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            route = request.scope.get("route")
-            name = request.scope.get("path_params", {}).get("name")
-            known = getattr(request.app.state, "model_names", ())
-            model = "-" if name is None else (name if name in known else "unknown")
-            metrics.record(model, route.path if route is not None else "unmatched", status,
-                           (time.perf_counter() - t0) * 1000.0)
+class _Observe:
+    """Count every request by model, route and outcome, and time it (app/metrics.py).
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware runs each request through an extra task
+    and memory streams, a measurable cost at thousands of requests per second.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_observed(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            state = scope["app"].state if "app" in scope else None
+            metrics: Optional[IngressMetrics] = getattr(state, "metrics", None)
+            if metrics is not None:
+                # The router fills in the matched route and path parameters on the shared scope.
+                route = scope.get("route")
+                name = scope.get("path_params", {}).get("name")
+                known = getattr(state, "model_names", ())
+                model = "-" if name is None else (name if name in known else "unknown")
+                metrics.record(model, route.path if route is not None else "unmatched", status,
+                               (time.perf_counter() - t0) * 1000.0)
+
+
+api.add_middleware(_Observe)
 
 
 @api.exception_handler(ServingError)
@@ -89,9 +112,14 @@ def _unwrap(exc: BaseException) -> ServingError:
 
 @serve.ingress(api)
 class Ingress:
+    """Routed mode: one handle per model-server deployment (`ingress.mode: routed`)."""
+
     def __init__(self, args: AppArgs, handles: dict[str, DeploymentHandle]):
+        self._setup(args, {name: HandleClient(name, h) for name, h in handles.items()})
+
+    def _setup(self, args: AppArgs, clients: dict[str, ModelClient]) -> None:
         self.specs: dict[str, ModelSpec] = {m.name: m for m in args.models}
-        self.handles = handles
+        self.clients = clients
         self._metadata: dict[str, dict[str, Any]] = {}
         # The FastAPI app is this replica's own; its state carries what the middleware needs.
         api.state.metrics = IngressMetrics()
@@ -117,26 +145,17 @@ class Ingress:
 
     async def _infer(self, name: str, inputs: ModelInput) -> InferenceResult:
         try:
-            try:
-                return await self.handles[name].infer.remote(inputs)
-            except RayActorError:
-                # The replica died mid-request (killed, OOM, node lost). Inference has no side
-                # effects, so one retry on another replica is safe; a second failure is reported.
-                logger.warning("model %s: replica died during a request; retrying once", name)
-                return await self.handles[name].infer.remote(inputs)
+            return await self.clients[name].infer(inputs)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             raise _unwrap(e) from None
 
     async def _describe(self, name: str) -> dict[str, Any]:
         if name not in self._metadata:
-            self._metadata[name] = await self.handles[name].describe.remote()
+            self._metadata[name] = await self.clients[name].describe()
         return self._metadata[name]
 
     async def _model_ready(self, name: str) -> bool:
-        try:
-            return bool(await asyncio.wait_for(self.handles[name].ready.remote(), _READY_TIMEOUT_S))
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            return False
+        return await self.clients[name].ready()
 
     # ------------------------------------------------------------------ v2 protocol
 
@@ -166,7 +185,7 @@ class Ingress:
         ok = await self._model_ready(name)
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
-    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/infer", openapi_extra=openapi_body(V2_REQUEST_SCHEMA))
     async def v2_infer(self, name: str, request: Request) -> Response:
         spec = self._spec(name)
         body = await self._body(request, spec)
@@ -184,7 +203,7 @@ class Ingress:
 
     # ------------------------------------------------------------------ simple JSON route
 
-    @api.post("/v1/models/{name}:predict")
+    @api.post("/v1/models/{name}:predict", openapi_extra=openapi_body(V1_REQUEST_SCHEMA))
     async def v1_predict(self, name: str, request: Request) -> Response:
         spec = self._spec(name)
         inputs = parse_v1_request(await self._body(request, spec), spec)
@@ -193,5 +212,27 @@ class Ingress:
 
     @api.get("/v1/models")
     async def list_models(self) -> Response:
-        described = await asyncio.gather(*(self.handles[n].describe.remote() for n in self.specs))
+        described = await asyncio.gather(*(self.clients[n].describe() for n in self.specs))
         return _json({"models": described})
+
+
+class FusedIngress(Ingress):
+    """Fused mode (`ingress.mode: fused`): this replica is both the HTTP ingress and the batched
+    model server of the application's one model. Requests skip the handle hop entirely; batching,
+    live retune, health checks and autoscaling stats are the model server's own."""
+
+    # Serve's ingress wrapper has an async __init__; a subclass must await it.
+    async def __init__(self, args: AppArgs, plan: ParallelPlan, vocab_size: int):
+        (spec,) = args.models
+        self.server = ModelServer(spec, plan, vocab_size, args.cost)
+        await super().__init__(args, {})
+        self.clients = {spec.name: LocalClient(self.server)}
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.server.reconfigure(user_config)
+
+    def check_health(self) -> None:
+        self.server.check_health()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.server.record_autoscaling_stats()

@@ -24,9 +24,16 @@ from pydantic import ValidationError
 from ray import serve
 
 from app.adaptive import BatchingState, ControllerConfig, Window, step
-from app.batching import BatchEntry, collate, count_items, max_batch_size_from_memory, split_rows
+from app.batching import (
+    BatchEntry,
+    collate,
+    count_items,
+    max_batch_size_from_memory,
+    split_rows,
+    token_budget_groups,
+)
 from app.config import BatchingConfig, CostConfig, ModelSpec
-from app.errors import InvalidInput, ModelFailure, ServingError
+from app.errors import InvalidInput, ModelFailure, PayloadTooLarge, ServingError
 from app.metrics import ModelServerMetrics
 from app.models.loader import build_config, check_vocab, load_tokenizer
 from app.models.tokenize import TextEncoder
@@ -60,17 +67,23 @@ class ModelServer:
         self.model_vocab = int(build_config(spec, vocab_size).vocab_size)
         check_vocab(spec, self.encoder.vocab_size, self.model_vocab)
         self.runner = make_runner(spec, vocab_size, plan)
-        self.runner.start()
-        self.memory_max_batch_size = self._measured_batch_limit()
+        # Every torch call of the model runs on the batch executor's threads, the start and warm-up
+        # included: each thread that enters an OpenMP region gets its own busy-waiting thread team,
+        # and a second team (the event loop's) made CPU batches ~1.8x slower on 2 cores.
+        self._executor = ThreadPoolExecutor(max_workers=spec.batching.max_concurrent_batches)
+        self._executor.submit(torch.set_num_threads, threads).result()
+        self._executor.submit(self.runner.start).result()
+        self.memory_max_batch_size = self._executor.submit(self._measured_batch_limit).result()
         gpu_ids = getattr(self.runner, "gang_gpus", None) or [str(g) for g in ray.get_gpu_ids()]
         self.metrics = ModelServerMetrics(spec, plan, cost, gpu_ids)
         self._batching = self._bounded(spec.batching)
-        self._executor = ThreadPoolExecutor(max_workers=self._batching.max_concurrent_batches)
         self._batched = self._make_batcher(self._batching)
         self._window = Window()
         self._adapt_task: asyncio.Task | None = None
         self._pending_items = 0  # items received and not yet answered (queued + running)
         self._recent_waits: deque[tuple[float, float]] = deque()  # (time, queue wait ms) for autoscaling
+        self._oom_cap: int | None = None  # set by a batch that ran out of device memory; applied on the loop
+        self.batch_tokens = spec.limits.max_batch_tokens or spec.batching.max_batch_size * spec.max_seq_len
         ctx = ray.get_runtime_context()
         self._served_by = (serve.get_replica_context().replica_id.unique_id, ctx.get_node_id()[:12])
         self.metrics.batching(self._batching.batch_wait_timeout_s, self._batching.max_batch_size)
@@ -167,6 +180,7 @@ class ModelServer:
                     raise InvalidInput(
                         f"input 'input_ids'[{i}] holds token id {bad}; model {self.spec.name!r} has {self.model_vocab}"
                     )
+        self._check_token_budget(inputs)
         if self._batching.adaptive and self._adapt_task is None:
             self._adapt_task = asyncio.get_running_loop().create_task(self._adapt_loop())
         arrived = time.perf_counter()
@@ -196,6 +210,28 @@ class ModelServer:
             node=self._served_by[1],
         )
 
+    def _check_token_budget(self, inputs: ModelInput) -> None:
+        """413 before batching for a request that needs more tokens than one batch may hold.
+
+        A token covers at least one UTF-8 byte (WordPiece, BPE, SentencePiece), so bytes + a few
+        special tokens bound the count without tokenising; only a request over that bound is
+        tokenised to decide exactly."""
+        if self.spec.limits.max_batch_tokens is None:
+            return
+        cap = self.spec.max_seq_len
+        if inputs.texts is not None:
+            bound = sum(min(cap, len(t.encode("utf-8", "surrogatepass")) + 4) for t in inputs.texts)
+        else:
+            bound = sum(min(cap, len(r)) for r in inputs.token_ids or [])
+        if bound <= self.batch_tokens:
+            return
+        tokens = sum(len(r) for r in self.encoder.encode([inputs]))
+        if tokens > self.batch_tokens:
+            raise PayloadTooLarge(
+                f"the request holds {tokens} tokens; model {self.spec.name!r} takes at most "
+                f"{self.batch_tokens} per batch (limits.max_batch_tokens): send fewer or shorter texts"
+            )
+
     # ------------------------------------------------------------------ batching
 
     def _make_batcher(self, cfg: BatchingConfig):
@@ -213,6 +249,8 @@ class ModelServer:
         self.metrics.dequeued(len(entries))
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._compute_isolated, entries, started)
+        if self._oom_cap is not None:
+            self._apply_oom_cap()
         items = count_items(entries)
         duration_s = time.perf_counter() - started
         waits_ms = [(started - e.arrived_s) * 1000.0 for e in entries]
@@ -242,16 +280,57 @@ class ModelServer:
                 self._window = Window()
         self._adapt_task = None
 
+    def _apply_oom_cap(self) -> None:
+        """A batch ran out of device memory: lower the batch cap to what fit (until an operator retunes)."""
+        cap, self._oom_cap = self._oom_cap, None
+        if cap is None or cap >= self._batched._get_max_batch_size():
+            return
+        self.memory_max_batch_size = min(self.memory_max_batch_size, cap)
+        self._batching = self._batching.model_copy(update={"max_batch_size": cap})
+        self._batched.set_max_batch_size(cap)
+        self.metrics.batching(self._batched._get_batch_wait_timeout_s(), cap)
+        logger.warning("model %s: out of device memory; batch cap lowered to %d", self.spec.name, cap)
+
     def _compute_isolated(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
-        """Run the batch; if it fails, bisect so each failing entry fails alone."""
+        """Run the batch; if it fails, bisect so each failing entry fails alone. Out of device
+        memory: split the batch (down to single items), retry the halves, remember the size that fit."""
         try:
             return self._compute(entries, started)
+        except torch.OutOfMemoryError:
+            items = count_items(entries)
+            if self.runner_device_is_cuda():
+                torch.cuda.empty_cache()
+            if items <= 1:
+                logger.error("model %s: out of device memory on a single item", self.spec.name)
+                return [ModelFailure(f"model {self.spec.name!r} ran out of device memory on one item")]
+            self._oom_cap = min(self._oom_cap or items, max(1, items // 2))
+            logger.warning("model %s: out of device memory on a batch of %d items; retrying in halves",
+                           self.spec.name, items)
+            if len(entries) > 1:
+                mid = len(entries) // 2
+                return self._compute_isolated(entries[:mid], started) + self._compute_isolated(entries[mid:], started)
+            return [self._compute_split_entry(entries[0], started)]
         except Exception as e:  # noqa: BLE001 - isolated below, reported per entry
             if len(entries) == 1:
                 logger.exception("model %s failed on one request", self.spec.name)
                 return [ModelFailure(f"model {self.spec.name!r} failed on this input: {type(e).__name__}: {e}")]
             mid = len(entries) // 2
             return self._compute_isolated(entries[:mid], started) + self._compute_isolated(entries[mid:], started)
+
+    def _compute_split_entry(self, entry: BatchEntry, started: float) -> _ChunkResult | ServingError:
+        """One request's items in two halves (after running out of memory on all of them at once)."""
+        n = len(entry.inputs)
+        parts = [self._compute_isolated([BatchEntry(c, entry.arrived_s, True)], started)[0]
+                 for c in entry.inputs.split((n + 1) // 2)]
+        for p in parts:
+            if isinstance(p, ServingError):
+                return p
+        done = [p for p in parts if isinstance(p, _ChunkResult)]
+        return _ChunkResult(np.concatenate([p.outputs for p in done]), max(p.batch_size for p in done),
+                            done[0].queue_wait_ms, max(p.batch_ms for p in done))
+
+    def runner_device_is_cuda(self) -> bool:
+        return getattr(getattr(self.runner, "device", None), "type", None) == "cuda"
 
     def _compute(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
         faults = self.spec.faults
@@ -261,9 +340,11 @@ class ModelServer:
             faults.fail_on_text in (e.inputs.texts or ()) for e in entries
         ):
             raise RuntimeError("injected fault (faults.fail_on_text)")
+        if faults.oom_above_items is not None and count_items(entries) > faults.oom_above_items:
+            raise torch.OutOfMemoryError(f"injected fault (faults.oom_above_items={faults.oom_above_items})")
         rows = self.encoder.encode([e.inputs for e in entries])
-        ids, mask = collate(rows, self.encoder.pad_id)
-        outputs = self.runner.infer(ids, mask)
+        outputs = torch.cat([self.runner.infer(*collate(group, self.encoder.pad_id))
+                             for group in token_budget_groups(rows, self.batch_tokens)])
         parts = split_rows(outputs, [len(e.inputs) for e in entries])
         n = len(rows)
         batch_ms = (time.perf_counter() - started) * 1000.0

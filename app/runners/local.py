@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -9,6 +10,9 @@ import torch
 from app.config import ModelSpec
 from app.models.loader import build_backbone, resolve_device, resolve_dtype, wrap_head
 from app.runners.base import ModelRunner
+from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, default_seq_buckets
+
+logger = logging.getLogger("ray.serve")
 
 
 class LocalRunner(ModelRunner):
@@ -21,11 +25,22 @@ class LocalRunner(ModelRunner):
         self.dtype = resolve_dtype(spec, self.device)
         self.model: torch.nn.Module | None = None
         self.output_dim: int | None = None
+        self.graphs: GraphedForward | None = None
 
     def start(self) -> None:
         self.model = wrap_head(self.spec, build_backbone(self.spec, self.vocab_size, self.device, self.dtype))
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
+        acc = self.spec.acceleration
+        if acc.cuda_graphs and self.device.type == "cuda":
+            self.graphs = GraphedForward(
+                self.model, self.device,
+                acc.batch_buckets or default_batch_buckets(self.spec.batching.max_batch_size),
+                acc.seq_buckets or default_seq_buckets(self.spec.max_seq_len),
+            )
+            took = self.graphs.capture()
+            logger.info("model %s: captured %d CUDA graphs in %.1fs (batch buckets %s, seq buckets %s)",
+                        self.spec.name, len(self.graphs), took, self.graphs.batch_buckets, self.graphs.seq_buckets)
 
     def measure_per_sample_bytes(self, seq_len: int, probe_batch: int = 8) -> int | None:
         """Peak device memory one sample adds at `seq_len` (CUDA only; None on the CPU)."""
@@ -47,6 +62,10 @@ class LocalRunner(ModelRunner):
     @torch.inference_mode()
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         assert self.model is not None, "start() was not called"
+        if self.graphs is not None:
+            out = self.graphs(input_ids, attention_mask)
+            if out is not None:
+                return out
         non_blocking = self.device.type == "cuda"
         ids = input_ids.to(self.device, non_blocking=non_blocking)
         mask = attention_mask.to(self.device, non_blocking=non_blocking)
@@ -60,6 +79,7 @@ class LocalRunner(ModelRunner):
 
     def shutdown(self) -> None:
         self.model = None
+        self.graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -69,4 +89,5 @@ class LocalRunner(ModelRunner):
             "devices": [str(self.device)],
             "dtype": str(self.dtype).removeprefix("torch."),
             "output_dim": self.output_dim,
+            "cuda_graphs": len(self.graphs) if self.graphs is not None else 0,
         }

@@ -36,3 +36,18 @@ def test_memory_formula():
     assert max_batch_size_from_memory(10 * 2**30, 100 * 2**20, cap=512) == 81
     assert max_batch_size_from_memory(10 * 2**30, 100 * 2**20, cap=64) == 64
     assert max_batch_size_from_memory(1, 100 * 2**20, cap=64) == 1
+
+
+def test_token_budget_groups_keep_order_and_budget():
+    import random
+
+    from app.batching import token_budget_groups
+
+    rng = random.Random(0)
+    for _ in range(200):
+        rows = [[7] * rng.randint(1, 40) for _ in range(rng.randint(1, 30))]
+        budget = rng.randint(1, 200)
+        groups = token_budget_groups(rows, budget)
+        assert [r for g in groups for r in g] == rows
+        for g in groups:
+            assert len(g) == 1 or len(g) * max(len(r) for r in g) <= budget

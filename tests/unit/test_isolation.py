@@ -36,6 +36,8 @@ def _server() -> ModelServer:
     server.spec = ModelSpec.model_validate(tiny_bert_spec())
     server.runner = _PoisonRunner()
     server.encoder = _IdEncoder()
+    server.batch_tokens = 10**9
+    server._oom_cap = None
     return server
 
 
@@ -48,3 +50,43 @@ def test_bad_entry_fails_alone():
     good = [r for i, r in enumerate(results) if i != 3]
     assert all(not isinstance(r, Exception) for r in good)
     assert [float(r.outputs[0, 0]) for r in good] == [2 * i + 3 for i in range(7)]
+
+
+class _SmallDeviceRunner:
+    """Runs out of memory on any batch of more than two rows, like a full GPU."""
+
+    device = torch.device("cpu")
+
+    def infer(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return ids.float().sum(dim=1, keepdim=True)
+
+
+def test_out_of_memory_splits_until_it_fits_and_remembers_the_cap():
+    server = _server()
+    server.runner = _SmallDeviceRunner()
+    entries = [BatchEntry(ModelInput(token_ids=[[i, 1]]), 0.0) for i in range(5)]
+    entries.append(BatchEntry(ModelInput(token_ids=[[10 * k, 1] for k in range(1, 6)]), 0.0))  # 5 items, one request
+    results = server._compute_isolated(entries, 0.0)
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert [float(r.outputs[0, 0]) for r in results[:5]] == [i + 1 for i in range(5)]
+    assert results[5].outputs[:, 0].tolist() == [11, 21, 31, 41, 51]  # split, answered in order
+    assert server._oom_cap is not None and server._oom_cap <= 2
+
+
+def test_token_budget_cuts_batches_so_none_exceeds_it():
+    class _Recording(_PoisonRunner):
+        shapes: list = []
+
+        def infer(self, ids, mask):
+            self.shapes.append(tuple(ids.shape))
+            return super().infer(ids, mask)
+
+    server = _server()
+    server.runner = _Recording()
+    server.batch_tokens = 8
+    entries = [BatchEntry(ModelInput(token_ids=[[1] * n]), 0.0) for n in (2, 3, 4, 1, 8)]
+    results = server._compute_isolated(entries, 0.0)
+    assert [float(r.outputs[0, 0]) for r in results] == [2, 3, 4, 1, 8]
+    assert all(b * length <= 8 for b, length in server.runner.shapes), server.runner.shapes

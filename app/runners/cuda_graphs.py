@@ -1,0 +1,104 @@
+"""CUDA graphs for an encoder's forward pass, one per (batch bucket, sequence bucket).
+
+A small batch of BERT-base is launch-bound: ~150 kernels at a few microseconds of CPU each cost more
+than the math. A captured graph replays all of them with one launch. Shapes are static in a graph,
+so a batch is padded up to the nearest bucket (extra rows and positions carry attention mask 0 and
+are sliced off), and each bucket owns fixed input buffers that a batch is copied into.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from typing import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def default_batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two below the cap, and the cap itself."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+def default_seq_buckets(max_seq_len: int, step: int = 32) -> list[int]:
+    return sorted({*range(step, max_seq_len, step), max_seq_len})
+
+
+class _Graph:
+    def __init__(self, batch: int, seq: int, device: torch.device):
+        self.ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.out: torch.Tensor | None = None
+
+
+class GraphedForward:
+    """`forward(ids, mask) -> [B, D]` replayed from CUDA graphs; None when a batch fits no bucket."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
+                 batch_buckets: Sequence[int], seq_buckets: Sequence[int]):
+        self.forward = forward
+        self.device = device
+        self.batch_buckets = sorted(set(batch_buckets))
+        self.seq_buckets = sorted(set(seq_buckets))
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        # A bucket's input buffers and output are shared state: one batch at a time per replica
+        # (tokenisation of the next batch still overlaps, it happens before this lock).
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every bucket, largest first so smaller graphs reuse the shared memory pool."""
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for b in reversed(self.batch_buckets):
+            for s in reversed(self.seq_buckets):
+                g = _Graph(b, s, self.device)
+                g.mask[:, 0] = 1
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up outside the graph: lazy inits, cuBLAS workspaces
+                        self.forward(g.ids, g.mask)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                with torch.cuda.graph(g.graph, pool=pool):
+                    g.out = self.forward(g.ids, g.mask)
+                self._graphs[(b, s)] = g
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def bucket(self, batch: int, seq: int) -> tuple[int, int] | None:
+        i = bisect.bisect_left(self.batch_buckets, batch)
+        j = bisect.bisect_left(self.seq_buckets, seq)
+        if i == len(self.batch_buckets) or j == len(self.seq_buckets):
+            return None
+        return self.batch_buckets[i], self.seq_buckets[j]
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Float32 outputs on the CPU for the real rows, or None if (B, L) exceeds every bucket."""
+        b, s = ids.shape
+        key = self.bucket(b, s)
+        if key is None:
+            return None
+        g = self._graphs[key]
+        with self._lock:
+            g.ids.zero_()
+            g.mask.zero_()
+            g.mask[:, 0] = 1  # padding rows attend to one position rather than none
+            g.ids[:b, :s].copy_(ids, non_blocking=True)
+            g.mask[:b, :s].copy_(mask, non_blocking=True)
+            g.graph.replay()
+            assert g.out is not None
+            return g.out[:b].float().cpu()
+
+    def __len__(self) -> int:
+        return len(self._graphs)

@@ -1,0 +1,60 @@
+"""Fused mode (the model server is the HTTP ingress) answers exactly as the routed path does."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from ray._common.test_utils import wait_for_condition
+
+from tests.helpers import serve_config
+from tests.integration.conftest import app_entry, deploy_config, extra_app
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["a short one", "Dynamic batching trades a little latency for a lot of throughput.", "ünïcode ✓", "x " * 200]
+
+
+def _repo_model(name: str) -> dict:
+    return next(m for m in serve_config()["applications"][0]["args"]["models"] if m["name"] == name)
+
+
+@pytest.mark.parametrize("model", ["bert-classifier", "minilm"])
+def test_fused_outputs_equal_routed(base_url, model):
+    spec = _repo_model(model)
+    with extra_app(base_url, app_entry("fused", [spec], ingress={"mode": "fused"})) as url:
+        with httpx.Client(timeout=60) as c:
+            routed = c.post(f"{base_url}/v1/models/{model}:predict", json={"instances": TEXTS})
+            fused = c.post(f"{url}/v1/models/{model}:predict", json={"instances": TEXTS})
+            assert routed.status_code == fused.status_code == 200, fused.text
+            a, b = routed.json()["predictions"], fused.json()["predictions"]
+            if model == "bert-classifier":
+                assert [p["label"] for p in a] == [p["label"] for p in b]
+                a, b = [p["probabilities"] for p in a], [p["probabilities"] for p in b]
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+            # The v2 route, the model list and the error mapping are the same code in both modes.
+            v2 = c.post(f"{url}/v2/models/{model}/infer",
+                        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]})
+            assert v2.status_code == 200 and v2.headers["x-replica"]
+            assert c.post(f"{url}/v1/models/{model}:predict", json={"instances": []}).status_code == 400
+            assert c.post(f"{url}/v1/models/other:predict", json={"instances": ["x"]}).status_code == 404
+            assert [m["name"] for m in c.get(f"{url}/v1/models").json()["models"]] == [model]
+
+
+def test_fused_retunes_live_through_user_config(base_url):
+    spec = _repo_model("bert-classifier")
+    app = app_entry("fusedtune", [spec], ingress={"mode": "fused"})
+    with extra_app(base_url, app) as url:
+        def info() -> dict:
+            return httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]
+
+        before = info()
+        config = serve_config()
+        new = {"max_batch_size": 4, "batch_wait_timeout_s": 0.02, "max_concurrent_batches": 1}
+        config["applications"].append({**app, "deployments": [{"name": "bert-classifier", "user_config": new}]})
+        deploy_config(config)
+        wait_for_condition(lambda: new.items() <= info()["batching"].items(), timeout=60)
+        assert info()["replica"] == before["replica"], "the replica was restarted instead of retuned"
+        r = httpx.post(f"{url}/v1/models/bert-classifier:predict", json={"instances": [f"t{i}" for i in range(10)]},
+                       timeout=30)
+        assert r.status_code == 200 and int(r.headers["x-batch-size"]) <= 4

@@ -1,0 +1,83 @@
+"""Pure pieces of the fast path: CUDA-graph bucket choice and the `hey` report parser."""
+
+import pytest
+
+from app.bench.hey import parse_report
+from app.config import ConfigError, parse_app_args
+from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, default_seq_buckets
+
+
+def test_default_buckets():
+    assert default_batch_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert default_batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert default_batch_buckets(1) == [1]
+    assert default_seq_buckets(128) == [32, 64, 96, 128]
+    assert default_seq_buckets(100) == [32, 64, 96, 100]
+
+
+def test_bucket_pads_up_and_refuses_oversize():
+    g = GraphedForward(lambda i, m: i, device=None, batch_buckets=[1, 2, 4, 8], seq_buckets=[32, 64])
+    assert g.bucket(1, 1) == (1, 32)
+    assert g.bucket(3, 33) == (4, 64)
+    assert g.bucket(8, 64) == (8, 64)
+    assert g.bucket(9, 10) is None
+    assert g.bucket(2, 65) is None
+
+
+HEY_OUTPUT = """
+Summary:
+  Total:\t8.0031 secs
+  Slowest:\t0.2011 secs
+  Fastest:\t0.0008 secs
+  Average:\t0.0251 secs
+  Requests/sec:\t5094.2
+
+Latency distribution:
+  10% in 0.0101 secs
+  50% in 0.0212 secs
+  90% in 0.0391 secs
+  99% in 0.0480 secs
+
+Status code distribution:
+  [200]\t40000 responses
+  [503]\t700 responses
+
+Error distribution:
+  [70]\tPost "http://127.0.0.1:8000/v2": context deadline exceeded
+"""
+
+
+def test_hey_report_parse():
+    r = parse_report(HEY_OUTPUT)
+    assert r.ok == 40000 and r.statuses == {200: 40000, 503: 700}
+    assert r.requests == 40770
+    assert r.seconds == pytest.approx(8.0031)
+    assert r.ok_per_s == pytest.approx(40000 / 8.0031)
+    assert (r.p50_ms, r.p90_ms, r.p99_ms) == pytest.approx((21.2, 39.1, 48.0))
+    assert len(r.errors) == 1
+    with pytest.raises(ValueError):
+        parse_report("connection refused")
+
+
+def _model(**extra):
+    return {"name": "m", "source": {"kind": "packaged"}, "task": "embed", **extra}
+
+
+def test_fused_mode_takes_exactly_one_model():
+    assert parse_app_args({"models": [_model()], "ingress": {"mode": "fused"}}).ingress.mode == "fused"
+    with pytest.raises(ConfigError, match="fused.*exactly one model"):
+        parse_app_args({"models": [_model(), _model(name="n")], "ingress": {"mode": "fused"}})
+    with pytest.raises(ConfigError, match="ingress.mode"):
+        parse_app_args({"models": [_model()], "ingress": {"mode": "fast"}})
+
+
+def test_acceleration_buckets_validated():
+    args = parse_app_args({"models": [_model(acceleration={"cuda_graphs": True, "batch_buckets": [8, 1, 8]})]})
+    assert args.models[0].acceleration.batch_buckets == [1, 8]
+    with pytest.raises(ConfigError, match="acceleration.seq_buckets"):
+        parse_app_args({"models": [_model(acceleration={"seq_buckets": [0]})]})
+
+
+def test_hey_small_sample_p99_falls_back_to_slowest():
+    text = HEY_OUTPUT.replace("  99% in 0.0480 secs", "  0% in 0.0000 secs")
+    assert parse_report(text).p99_ms == pytest.approx(201.1)
