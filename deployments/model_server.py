@@ -23,6 +23,7 @@ import ray
 from pydantic import ValidationError
 from ray import serve
 
+from app.coalesce import BatchCoalescer
 from app.adaptive import BatchingState, ControllerConfig, Window, step
 from app.batching import (
     BatchEntry,
@@ -42,6 +43,9 @@ from app.runners.factory import make_runner
 from app.schemas import InferenceResult, ModelInput
 
 logger = logging.getLogger("ray.serve")
+
+# Batches Serve may have closed and handed over at once; the device runs max_concurrent_batches.
+_SERVE_BATCHES_IN_FLIGHT = 256
 
 
 @dataclass
@@ -190,7 +194,10 @@ class ModelServer:
         for _ in entries:
             self.metrics.enqueued()
         try:
-            results = await asyncio.gather(*(self._batched(e) for e in entries))
+            if len(entries) == 1:
+                results = [await self._batched(entries[0])]
+            else:
+                results = await asyncio.gather(*(self._batched(e) for e in entries))
         finally:
             # A cancelled or failed request leaves the queue without its batch ever starting.
             self.metrics.dequeued(sum(1 for e in entries if not e.started))
@@ -235,12 +242,20 @@ class ModelServer:
     # ------------------------------------------------------------------ batching
 
     def _make_batcher(self, cfg: BatchingConfig):
+        # Serve closes batches and hands each to the coalescer at once (many may be in flight);
+        # the coalescer runs `max_concurrent_batches` device batches at a time, each merging what
+        # Serve closed meanwhile (app/coalesce.py says why).
+        self._coalescer = BatchCoalescer(self._run_batch, count_items, lambda: self._batched._get_max_batch_size(),
+                                         slots=cfg.max_concurrent_batches)
         return serve.batch(
             max_batch_size=cfg.max_batch_size,
             batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-            max_concurrent_batches=cfg.max_concurrent_batches,
+            max_concurrent_batches=_SERVE_BATCHES_IN_FLIGHT,
             batch_size_fn=count_items,
-        )(self._run_batch)
+        )(self._serve_batch)
+
+    async def _serve_batch(self, entries: list[BatchEntry]) -> list[_ChunkResult | ServingError]:
+        return await self._coalescer.submit(entries)
 
     async def _run_batch(self, entries: list[BatchEntry]) -> list[_ChunkResult | ServingError]:
         started = time.perf_counter()

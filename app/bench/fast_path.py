@@ -139,7 +139,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
             got = graphed(part_ids, part_mask)
             max_err = max(max_err, float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6)))
         for b in compile_batches:
-            compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+            compiled = torch.compile(model, dynamic=False)
             ids = torch.randint(1000, 30000, (b, SEQ), device="cuda")
             mask = torch.ones_like(ids)
             t0 = time.perf_counter()
@@ -272,41 +272,38 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
     if hey is None:
         raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
     served = Served(1, None, hey, ns.duration)
-    n, cap = ns.replicas, ns.max_batch
+    cap, tok = ns.max_batch, ns.tokenizer
     single, multi = v2_body([TEXT]), v2_body([TEXT] * 32)
-    path = "/v2/models/bert/infer"
-    steps: list[tuple[str, dict[str, Any], str, bytes, int, int]] = [
-        (f"no-op ceiling, {n} replicas", noop_doc(n), "/v2/health/ready", single, ns.concurrency, 1),
-        ("no-op ceiling, 1 replica", noop_doc(1), "/v2/health/ready", single, ns.concurrency, 1),
-        ("routed, eager, 1 replica", app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, 1, 1, False)], "routed"),
-         "/v2/health/ready", single, ns.concurrency, 1),
-        ("fused, eager, 1 replica", app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, 1, 1, False)], "fused"),
-         "/v2/health/ready", single, ns.concurrency, 1),
-        ("fused, CUDA graphs, 1 replica", app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, 1, 1, True)], "fused"),
-         "/v2/health/ready", single, ns.concurrency, 1),
-        (f"fused, CUDA graphs, {n} replicas x {1 / n:.2f} GPU",
-         app_doc("bert", [bert_spec(ns.tokenizer, cap, ns.wait, n, 1 / n, True)], "fused"),
-         "/v2/health/ready", single, ns.concurrency, 1),
+    path, ready = "/v2/models/bert/infer", "/v2/health/ready"
+
+    def bert(replicas: int, graphs: bool, mode: str) -> dict[str, Any]:
+        return app_doc("bert", [bert_spec(tok, cap, ns.wait, replicas, 1 / replicas, graphs)], mode)
+
+    # (label, config, items per request); consecutive rows with the same config share one deploy.
+    steps: list[tuple[str, dict[str, Any], int]] = [
+        ("no-op ceiling, 1 replica", noop_doc(1), 1),
+        ("routed, eager, 1 replica", bert(1, False, "routed"), 1),
+        ("fused, eager, 1 replica", bert(1, False, "fused"), 1),
+        ("fused, CUDA graphs, 1 replica", bert(1, True, "fused"), 1),
     ]
+    for n in ns.replicas:
+        steps.append((f"no-op ceiling, {n} replicas", noop_doc(n), 1))
+        fast = bert(n, True, "fused")
+        steps.append((f"fused, CUDA graphs, {n} replicas x {1 / n:.3f} GPU", fast, 1))
+        steps.append((f"32-item requests, fused, CUDA graphs, {n} replicas", fast, 32))
     results = out.setdefault("served", [])
     print(f"\nserved over HTTP (HAProxy direct ingress), max_batch_size {cap}, wait {ns.wait * 1000:.0f} ms, "
           f"{ns.duration:.0f} s per row")
-    last_doc = None
-    for label, doc, ready, body, conc, items in steps:
+    last_doc, took = None, 0.0
+    for label, doc, items in steps:
         if doc is not last_doc:
             took = served.deploy(doc, ready)
             last_doc = doc
+        body, conc = (single, ns.concurrency) if items == 1 else (multi, ns.multi_concurrency)
         r = served.load(path, body, conc, items)
         r.update(label=label, deploy_s=took)
         results.append(r)
         _show(label, r)
-        save()
-    # 32-item requests on the last (fastest) configuration.
-    for conc in (ns.multi_concurrency,):
-        r = served.load(path, multi, conc, 32)
-        r.update(label=f"32-item requests, {n} replicas")
-        results.append(r)
-        _show(r["label"], r)
         save()
     served.close()
     summarize_gpu(out)
@@ -314,6 +311,8 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
 
 
 def summarize_gpu(out: dict[str, Any]) -> None:
+    """The issue's ratios, each from rows of this run: per replica count, served / no-op ceiling
+    (single-item) and 32-item items/s / raw items/s at the batch cap."""
     rows = {r["label"]: r for r in out.get("served", [])}
     raw = out.get("raw")
     verdict: dict[str, Any] = {}
@@ -323,17 +322,20 @@ def summarize_gpu(out: dict[str, Any]) -> None:
         best = max(raw["rows"], key=lambda r: r["frac_peak"])
         verdict.update(raw_b1_ms_eager=eager1["ms"], raw_b1_ms_graph=graph1["ms"], best_frac_peak=best["frac_peak"],
                        best_frac_peak_at=f"{best['kind']} b{best['batch']}")
-    fast = [r for label, r in rows.items() if label.startswith("fused, CUDA graphs") and "replicas x" in label]
-    ceiling = [r for label, r in rows.items() if label.startswith("no-op ceiling") and "1 replica" not in label]
-    if fast and ceiling:
-        verdict.update(single_req_per_s=fast[0]["ok_per_s"], single_p99_ms=fast[0]["p99_ms"],
-                       noop_req_per_s=ceiling[0]["ok_per_s"], vs_ceiling=fast[0]["ok_per_s"] / ceiling[0]["ok_per_s"])
-    multi = [r for r in out.get("served", []) if r.get("items_per_request") == 32]
-    if multi and raw:
-        cap = out["args"]["max_batch"]
-        raw_cap = max((r for r in raw["rows"] if r["batch"] == cap), key=lambda r: r["seq_per_s"])
-        verdict.update(multi_items_per_s=multi[0]["items_per_s"], raw_items_per_s_at_cap=raw_cap["seq_per_s"],
-                       multi_vs_raw=multi[0]["items_per_s"] / raw_cap["seq_per_s"])
+    cap = out["args"]["max_batch"]
+    raw_cap = max((r["seq_per_s"] for r in raw["rows"] if r["batch"] == cap), default=None) if raw else None
+    for n in out["args"]["replicas"]:
+        fast = rows.get(f"fused, CUDA graphs, {n} replicas x {1 / n:.3f} GPU")
+        ceiling = rows.get(f"no-op ceiling, {n} replicas")
+        multi = rows.get(f"32-item requests, fused, CUDA graphs, {n} replicas")
+        v: dict[str, Any] = {}
+        if fast and ceiling:
+            v.update(single_req_per_s=fast["ok_per_s"], single_p99_ms=fast["p99_ms"],
+                     noop_req_per_s=ceiling["ok_per_s"], vs_ceiling=fast["ok_per_s"] / ceiling["ok_per_s"])
+        if multi and raw_cap:
+            v.update(multi_items_per_s=multi["items_per_s"], raw_items_per_s_at_cap=raw_cap,
+                     multi_vs_raw=multi["items_per_s"] / raw_cap)
+        verdict[f"{n}_replicas"] = v
     out["verdict"] = verdict
     print("\nverdict:", json.dumps(verdict, indent=1))
 
@@ -378,7 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="the CPU run (MiniLM) instead of the GPU run")
     p.add_argument("--tokenizer", help="GPU run: directory with the BERT uncased tokenizer files")
-    p.add_argument("--replicas", type=int, default=4, help="GPU run: replicas sharing the one GPU in the last step")
+    p.add_argument("--replicas", type=int, nargs="+", default=[4], help="GPU run: replica counts sharing the one GPU")
     p.add_argument("--max-batch", type=int, default=None, help="batch cap (GPU 128, CPU 32)")
     p.add_argument("--wait", type=float, default=0.002, help="batch wait, seconds (GPU run)")
     p.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch threads (CPU run)")
