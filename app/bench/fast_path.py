@@ -265,6 +265,8 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
             print(f"{r['kind']:>11}{r['batch']:>6}{r['ms']:>9.3f}{r['seq_per_s']:>10.0f}{r['tflops']:>9.0f}"
                   f"{r['frac_peak']:>9.3f}")
         save()
+    if ns.raw_only:
+        return
 
     from app.bench.hey import find_hey
 
@@ -340,6 +342,31 @@ def summarize_gpu(out: dict[str, Any]) -> None:
     print("\nverdict:", json.dumps(verdict, indent=1))
 
 
+def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
+    """Replica scaling on a multi-GPU host (issue #5): one fused replica per GPU, 1 vs all GPUs."""
+    from app.bench.hey import find_hey
+
+    hey = find_hey()
+    if hey is None:
+        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    served = Served(ns.gpus, None, hey, ns.duration)
+    multi, single = v2_body([TEXT] * 32), v2_body([TEXT])
+    results = out.setdefault("scaling", [])
+    for n in (1, ns.gpus):
+        doc = app_doc("bert", [bert_spec(ns.tokenizer, ns.max_batch, ns.wait, n, 1, True)], "fused")
+        took = served.deploy(doc, "/v2/health/ready")
+        for items, body, conc in ((32, multi, ns.multi_concurrency * n), (1, single, ns.concurrency * n)):
+            r = served.load("/v2/models/bert/infer", body, conc, items)
+            r.update(label=f"{items}-item requests, {n} replica(s) x 1 GPU", replicas=n, deploy_s=took)
+            results.append(r)
+            _show(r["label"], r)
+            save()
+    served.close()
+    by = {(r["replicas"], r["items_per_request"]): r["items_per_s"] for r in results}
+    out["scaling_efficiency"] = {f"{items}-item": by[(ns.gpus, items)] / (ns.gpus * by[(1, items)]) for items in (32, 1)}
+    print("\nscaling efficiency (N replicas / (N x 1 replica)):", json.dumps(out["scaling_efficiency"]))
+
+
 def cpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
     from app.bench.hey import find_hey
 
@@ -379,6 +406,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.bench.fast_path", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="the CPU run (MiniLM) instead of the GPU run")
+    p.add_argument("--scaling", action="store_true", help="replica scaling across --gpus GPUs (one replica each)")
+    p.add_argument("--gpus", type=int, default=4, help="scaling run: GPUs on the host")
     p.add_argument("--tokenizer", help="GPU run: directory with the BERT uncased tokenizer files")
     p.add_argument("--replicas", type=int, nargs="+", default=[4], help="GPU run: replica counts sharing the one GPU")
     p.add_argument("--max-batch", type=int, default=None, help="batch cap (GPU 128, CPU 32)")
@@ -389,19 +418,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--compile-batches", type=int, nargs="*", default=[], help="also time torch.compile at these batches")
     p.add_argument("--skip-raw", action="store_true")
+    p.add_argument("--raw-only", action="store_true", help="GPU run: the raw model only")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = p.parse_args(argv)
     if ns.max_batch is None:
         ns.max_batch = 32 if ns.cpu else 128
+    if ns.scaling and not ns.tokenizer:
+        p.error("--tokenizer is required for the scaling run")
     if not ns.cpu and not ns.tokenizer:
         p.error("--tokenizer is required for the GPU run")
     out: dict[str, Any] = {"args": vars(ns)}
     Path(ns.out).mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        (Path(ns.out) / ("fast_path_cpu.json" if ns.cpu else "fast_path.json")).write_text(json.dumps(out, indent=2))
+        name = "fast_path_cpu.json" if ns.cpu else "scaling.json" if ns.scaling else "fast_path.json"
+        (Path(ns.out) / name).write_text(json.dumps(out, indent=2))
 
-    (cpu_main if ns.cpu else gpu_main)(ns, out, save)
+    if ns.scaling:
+        scaling_main(ns, out, save)
+    else:
+        (cpu_main if ns.cpu else gpu_main)(ns, out, save)
     return 0
 
 
