@@ -35,6 +35,13 @@ class Overloaded(ServingError):
     error_type = "overloaded"
 
 
+class ReplicaUnavailable(ServingError):
+    """The replica lost a device or rank and is being replaced; a retry goes to a healthy one."""
+
+    status_code = 503
+    error_type = "replica_unavailable"
+
+
 class ModelFailure(ServingError):
     status_code = 500
     error_type = "model_failure"

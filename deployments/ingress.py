@@ -21,7 +21,15 @@ from ray.serve.handle import DeploymentHandle
 from app.config import AppArgs, ModelSpec
 from app.planner import ParallelPlan
 from app.metrics import IngressMetrics
-from app.errors import InvalidInput, ModelFailure, ModelNotFound, Overloaded, PayloadTooLarge, ServingError
+from app.errors import (
+    InvalidInput,
+    ModelFailure,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ReplicaUnavailable,
+    ServingError,
+)
 from app.schemas import (
     V1_REQUEST_SCHEMA,
     V2_REQUEST_SCHEMA,
@@ -93,7 +101,7 @@ api.add_middleware(_Observe)
 
 @api.exception_handler(ServingError)
 async def _serving_error(_: Request, exc: ServingError) -> Response:
-    headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
+    headers = {"Retry-After": "1"} if isinstance(exc, (Overloaded, ReplicaUnavailable)) else None
     return _json(exc.to_json(), exc.status_code, headers)
 
 

@@ -34,7 +34,8 @@ from app.batching import (
     token_budget_groups,
 )
 from app.config import BatchingConfig, CostConfig, ModelSpec
-from app.errors import InvalidInput, ModelFailure, PayloadTooLarge, ServingError
+from app.errors import InvalidInput, ModelFailure, PayloadTooLarge, ReplicaUnavailable, ServingError
+from app.runners.base import DeviceLost
 from app.metrics import ModelServerMetrics
 from app.models.loader import build_config, check_vocab, load_tokenizer
 from app.models.tokenize import TextEncoder
@@ -311,6 +312,12 @@ class ModelServer:
         memory: split the batch (down to single items), retry the halves, remember the size that fit."""
         try:
             return self._compute(entries, started)
+        except DeviceLost as e:
+            # Not the input's fault and not retryable here: every entry gets a 503 at once (no
+            # bisection) while the failing health check gets this replica replaced.
+            logger.error("model %s: %s; failing the batch, replica to be replaced", self.spec.name, e)
+            failure = ReplicaUnavailable(f"model {self.spec.name!r}: {e}; the replica is being replaced, retry shortly")
+            return [failure for _ in entries]
         except torch.OutOfMemoryError:
             items = count_items(entries)
             if self.runner_device_is_cuda():

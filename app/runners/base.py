@@ -12,6 +12,11 @@ from typing import Any
 import torch
 
 
+class DeviceLost(RuntimeError):
+    """The runner lost part of itself (a tensor-parallel rank died or failed mid-collective): no
+    input is to blame and no retry on this replica can succeed; it must be replaced."""
+
+
 class ModelRunner(ABC):
     strategy: str = "?"
 

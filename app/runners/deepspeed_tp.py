@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from app.config import ModelSpec
 from app.planner import ParallelPlan
-from app.runners.base import ModelRunner
+from app.runners.base import DeviceLost, ModelRunner
 
 _HEALTH_TIMEOUT_S = 30.0
 
@@ -83,6 +83,9 @@ class TPRankWorker:
         out = self.model(ids.to(self.device), mask.to(self.device))
         return out.float().cpu() if self.rank == 0 else None
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def ping(self) -> bool:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -99,6 +102,7 @@ class TensorParallelRunner(ModelRunner):
         self.gang_gpus: list[str] = []  # physical GPU ids of the ranks (for NVML metrics)
         self.output_dim: Optional[int] = None
         self.dtype: str = "?"
+        self._lost: Optional[str] = None  # why the gang broke, once it has
 
     def start(self) -> None:
         world = self.plan.tp
@@ -128,6 +132,7 @@ class TensorParallelRunner(ModelRunner):
                 raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({world})")
         ray.get([r.setup.remote(self.spec, self.vocab_size, master_addr, master_port, gang_gpus) for r in self.ranks])
         self.gang_gpus = gang_gpus or []
+        self.rank_pids = ray.get([r.pid.remote() for r in self.ranks])
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
         self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (
@@ -135,12 +140,28 @@ class TensorParallelRunner(ModelRunner):
         self._start_s = time.perf_counter() - t0
 
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._lost is not None:
+            raise DeviceLost(self._lost)
         batch = ray.put((input_ids, attention_mask))
-        outs = ray.get([r.infer.remote(batch) for r in self.ranks])
-        return outs[0]
+        refs = [r.infer.remote(batch) for r in self.ranks]
+        # Wait for whichever rank finishes first: if one dies or raises, the others sit in an
+        # all-reduce that will never complete, so waiting in rank order would hang the batch.
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - any rank failure breaks the whole gang
+                self._lost = f"tensor-parallel rank {refs.index(done[0])} failed: {type(e).__name__}"
+                for r in self.ranks:  # unblock the survivors; the health check now fails
+                    ray.kill(r, no_restart=True)
+                raise DeviceLost(self._lost) from None
+        return ray.get(refs[0])
 
     def check_health(self) -> None:
         """Reach every rank; a dead or stuck one makes the replica unhealthy so Serve replaces it."""
+        if self._lost is not None:
+            raise DeviceLost(self._lost)
         ray.get([r.ping.remote() for r in self.ranks], timeout=_HEALTH_TIMEOUT_S)
 
     def shutdown(self) -> None:
@@ -151,6 +172,9 @@ class TensorParallelRunner(ModelRunner):
     def describe(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
+            # Which processes hold the ranks (for `ray list actors`, py-spy or a chaos drill).
+            "rank_actors": [r._actor_id.hex() for r in self.ranks],
+            "rank_pids": list(getattr(self, "rank_pids", [])),
             "devices": [f"{'cuda' if self.use_gpu else 'cpu'}:rank{i}" for i in range(self.plan.tp)],
             "dtype": self.dtype,
             "output_dim": self.output_dim,

@@ -159,3 +159,60 @@ def test_parallel_models_answer_http_batched_and_match_local(parallel_url, model
     if model == "llama-pp":
         expected = np.exp(expected - expected.max()) / np.exp(expected - expected.max()).sum()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tensor_parallel_rank_killed_under_load(parallel_url):
+    """A rank process of the served TP gang is SIGKILLed under load: nothing hangs, every request is
+    answered (200, or a clear 503 + Retry-After while the gang is replaced), and the model serves again."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def tp_info() -> dict:
+        models = httpx.get(f"{parallel_url}/v1/models", timeout=30).json()["models"]
+        return next(m for m in models if m["name"] == "llama-tp")
+
+    before = tp_info()
+    victim_pid = before["rank_pids"][1]  # the test cluster's nodes all run on this machine
+    outcomes: list = []
+    killed_at: list[float] = []
+
+    async def load(duration_s: float) -> None:
+        deadline = time.monotonic() + duration_s
+        async with httpx.AsyncClient(base_url=parallel_url, timeout=120) as c:
+            async def worker(k: int) -> None:
+                i = 0
+                while time.monotonic() < deadline:
+                    i += 1
+                    try:
+                        r = await c.post("/v1/models/llama-tp:predict", json={"instances": [f"w{k} r{i}"]})
+                        outcomes.append((r.status_code, r.json().get("error") if r.status_code != 200 else None,
+                                         r.headers.get("retry-after")))
+                    except httpx.TimeoutException:
+                        outcomes.append(("hang", None, None))
+                    await asyncio.sleep(0.05)
+
+            await asyncio.gather(*(worker(k) for k in range(4)))
+
+    def kill_later() -> None:
+        time.sleep(3)
+        os.kill(victim_pid, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    threading.Thread(target=kill_later, daemon=True).start()
+    asyncio.run(load(20))
+    wait_for_condition(lambda: tp_info()["rank_actors"] != before["rank_actors"], timeout=180)
+    recovered_s = time.monotonic() - killed_at[0]
+    ok = httpx.post(f"{parallel_url}/v1/models/llama-tp:predict", json={"instances": ["after"]}, timeout=120)
+    statuses = [o[0] for o in outcomes]
+    print(f"\nTP rank kill: {len(outcomes)} requests, statuses "
+          f"{ {s: statuses.count(s) for s in set(statuses)} }, new gang serving within {recovered_s:.1f} s")
+    assert ok.status_code == 200
+    assert "hang" not in statuses
+    assert statuses.count(200) > 0
+    for status, error, retry_after in outcomes:
+        if status != 200:
+            assert status >= 500 and error, (status, error)
+            if status == 503:
+                assert retry_after, "a 503 must say when to retry"

@@ -35,5 +35,10 @@ def test_prometheus_and_dashboard_parse():
 
 
 def test_repo_configs_are_valid_serve_configs():
-    for name in ("serve_config.yaml", "serve_config.parallel.yaml"):
-        ServeDeploySchema.model_validate(yaml.safe_load((ROOT / name).read_text()))
+    from app.config import parse_app_args
+
+    for name in ("serve_config.yaml", "serve_config.parallel.yaml", "serve_config.fast.yaml"):
+        doc = yaml.safe_load((ROOT / name).read_text())
+        ServeDeploySchema.model_validate(doc)
+        for app in doc["applications"]:
+            parse_app_args(app["args"])  # the app's own validation, as `serve run` would apply it
