@@ -61,23 +61,16 @@ def tokenizer_dir(spec: ModelSpec) -> Path:
 
 
 def load_tokenizer(spec: ModelSpec):
-    from transformers import AutoTokenizer
+    """The spec's tokenizer: tokenizer.json through `tokenizers` directly when the source has one
+    (app/models/tokenize.py says why), else transformers' AutoTokenizer."""
+    from app.models.tokenize import HFTokenizer, RustTokenizer
 
     path = tokenizer_dir(spec)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
-    except ImportError:
-        # AutoTokenizer resolves the class through every model family; a trimmed transformers
-        # install (the GPU machines' carried wheel) lacks some. tokenizer.json holds the whole
-        # pipeline, so the generic fast tokenizer gives the same ids.
-        from transformers import PreTrainedTokenizerFast
+    if (path / "tokenizer.json").exists():
+        return RustTokenizer(path)
+    from transformers import AutoTokenizer
 
-        if not (path / "tokenizer.json").exists():
-            raise
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(path), use_fast=True))
 
 
 def build_config(spec: ModelSpec, vocab_size: int | None = None) -> Any:
