@@ -97,16 +97,28 @@ def app_entry(name: str, models: list[dict[str, Any]], **args: Any) -> dict[str,
             "args": {"models": models, **args}}
 
 
+# Extra applications currently served beside the repo config, innermost last: deploying is
+# declarative (applications left out are removed), so every deploy must re-declare the live ones.
+_LIVE_EXTRA_APPS: list[dict[str, Any]] = []
+
+
+def _config_with(apps: list[dict[str, Any]]) -> dict[str, Any]:
+    config = serve_config()
+    config["applications"].extend(apps)
+    return config
+
+
 @contextlib.contextmanager
 def extra_app(base_url: str, app: dict[str, Any], ready_timeout_s: float = 180) -> Iterator[str]:
-    """Serve `app` beside the repo's config for the duration; yields its URL, then removes it."""
-    config = serve_config()
-    config["applications"].append(app)
-    deploy_config(config)
+    """Serve `app` beside the repo's config (and any extra apps already live, e.g. a module
+    fixture's) for the duration; yields its URL, then removes only `app`."""
+    _LIVE_EXTRA_APPS.append(app)
+    deploy_config(_config_with(_LIVE_EXTRA_APPS))
     url = f"{base_url}{app['route_prefix']}"
-    wait_ready(url, timeout_s=ready_timeout_s)
     try:
+        wait_ready(url, timeout_s=ready_timeout_s)
         yield url
     finally:
-        deploy_config(serve_config())
+        _LIVE_EXTRA_APPS.remove(app)
+        deploy_config(_config_with(_LIVE_EXTRA_APPS))
         wait_for_condition(lambda: app_status(app["name"]) is None, timeout=120)
