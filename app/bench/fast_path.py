@@ -282,7 +282,7 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
         return app_doc("bert", [bert_spec(tok, cap, ns.wait, replicas, 1 / replicas, graphs)], mode)
 
     # (label, config, items per request); consecutive rows with the same config share one deploy.
-    steps: list[tuple[str, dict[str, Any], int]] = [
+    steps: list[tuple[str, dict[str, Any], int]] = [] if ns.no_baseline else [
         ("no-op ceiling, 1 replica", noop_doc(1), 1),
         ("routed, eager, 1 replica", bert(1, False, "routed"), 1),
         ("fused, eager, 1 replica", bert(1, False, "fused"), 1),
@@ -419,6 +419,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--compile-batches", type=int, nargs="*", default=[], help="also time torch.compile at these batches")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--raw-only", action="store_true", help="GPU run: the raw model only")
+    p.add_argument("--no-baseline", action="store_true", help="GPU run: skip the one-replica steps")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = p.parse_args(argv)
     if ns.max_batch is None:
