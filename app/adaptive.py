@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from app.quantiles import percentile
+
 
 @dataclass(frozen=True)
 class ControllerConfig:
@@ -121,7 +123,7 @@ class Window:
         while self._fills and self._fills[0][0] < cut:
             self._fills.popleft()
         lat = sorted(r[1] for r in self._requests)
-        p99 = lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else float("nan")
+        p99 = percentile(lat, 99)
         fill = sum(f[1] for f in self._fills) / len(self._fills) if self._fills else 0.0
         busy = min(1.0, sum(f[2] for f in self._fills) / self.span_s)
         mean_batch_ms = 1000.0 * sum(f[2] for f in self._fills) / len(self._fills) if self._fills else 0.0

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from app.coalesce import BatchCoalescer
+from app.quantiles import percentile
 from app.adaptive import BatchingState, ControllerConfig, Window, step
 from app.batching import (
     BatchEntry,
@@ -157,7 +158,7 @@ class ModelServer:
         while self._recent_waits and self._recent_waits[0][0] < cut:
             self._recent_waits.popleft()
         waits = sorted(w for _, w in self._recent_waits)
-        p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))] if waits else 0.0
+        p99 = percentile(waits, 99) if waits else 0.0
         return {"queued_items": float(self._pending_items), "queue_wait_p99_ms": p99}
 
     # ------------------------------------------------------------------ handle methods
