@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import orjson
+
+from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms, median_wall_s
 
 SEQ = 128
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -81,23 +82,6 @@ def v2_body(texts: list[str]) -> bytes:
 # ---------------------------------------------------------------------------------------- raw model
 
 
-def _time_ms(fn: Callable[[], Any], reps: int = 30) -> float:
-    import torch
-
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> dict[str, Any]:
     import torch
 
@@ -111,10 +95,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
     model = runner.model
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     flops_per_seq = 2 * n_params * SEQ + 4 * BERT_BASE["num_hidden_layers"] * SEQ * SEQ * BERT_BASE["hidden_size"]
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    peak = 2 * 8192**3 / (_time_ms(lambda: x @ y, 20) / 1000) / 1e12
-    del x, y
+    peak = bf16_matmul_peak_tflops()
     graphed = GraphedForward(model, runner.device, batches, [SEQ])
     capture_s = graphed.capture()
 
@@ -128,11 +109,11 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
         for b in batches:
             ids = torch.randint(1000, 30000, (b, SEQ), device="cuda")
             mask = torch.ones_like(ids)
-            rows.append(row("eager", b, _time_ms(lambda: model(ids, mask))))
+            rows.append(row("eager", b, cuda_median_ms(lambda: model(ids, mask))))
             g = graphed._graphs[(b, SEQ)]
             g.ids.copy_(ids)
             g.mask.copy_(mask)
-            rows.append(row("cuda_graph", b, _time_ms(g.graph.replay)))
+            rows.append(row("cuda_graph", b, cuda_median_ms(g.graph.replay)))
             # Equivalence through the public path (padding rows and positions included).
             part_ids, part_mask = ids[: max(1, b - 1), : SEQ - 7].cpu(), mask[: max(1, b - 1), : SEQ - 7].cpu()
             ref = model(part_ids.cuda(), part_mask.cuda()).float().cpu()
@@ -144,7 +125,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
             mask = torch.ones_like(ids)
             t0 = time.perf_counter()
             compiled(ids, mask)
-            rows.append({**row("compile", b, _time_ms(lambda: compiled(ids, mask))),
+            rows.append({**row("compile", b, cuda_median_ms(lambda: compiled(ids, mask))),
                          "compile_s": time.perf_counter() - t0})
     runner.shutdown()
     torch.cuda.empty_cache()
@@ -172,13 +153,8 @@ def raw_cpu(max_batch: int, threads: int, reps: int = 20) -> dict[str, Any]:
     ids, mask = collate(encoder.encode([ModelInput(texts=texts)]), encoder.pad_id)
 
     def best_of(fn: Callable[[], Any]) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        fn()  # warm-up
+        return median_wall_s(fn, reps)
 
     forward_s = best_of(lambda: runner.infer(ids, mask))
     tokenize_s = best_of(lambda: encoder.encode([ModelInput(texts=texts)]))

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import httpx
 
+from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms
+
 SEQ = 128
 SMOKE = os.environ.get("GPU_SERVING_SMOKE") == "1"
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -69,33 +71,16 @@ def raw_model(tokenizer: str, batches: list[int]) -> dict[str, Any]:
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     flops_per_seq = 2 * n_params * SEQ + 4 * BERT_BASE["num_hidden_layers"] * SEQ * SEQ * BERT_BASE["hidden_size"]
 
-    def time_ms(fn, reps=30) -> float:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    peak = 2 * 8192**3 / (time_ms(lambda: x @ y, 20) / 1000) / 1e12
+    peak = bf16_matmul_peak_tflops()
     rows = []
     with torch.inference_mode():
         for b in batches:
             ids = torch.randint(1000, 30000, (b, SEQ), device="cuda")
             mask = torch.ones_like(ids)
-            ms = time_ms(lambda: model(ids, mask))
+            ms = cuda_median_ms(lambda: model(ids, mask))
             tflops = flops_per_seq * b / (ms / 1000) / 1e12
             rows.append({"batch": b, "ms": ms, "seq_per_s": b / (ms / 1000), "tflops": tflops, "frac_peak": tflops / peak})
     runner.shutdown()
-    del x, y
     torch.cuda.empty_cache()
     return {"matmul_peak_tflops": peak, "rows": rows}
 

@@ -13,14 +13,14 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from app.config import ModelSpec
+from app.bench.timing import median_wall_s
 from app.planner import plan_model
 
 VOCAB = 32000
@@ -53,16 +53,6 @@ def make_inputs(batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall seconds of fn() (the runners return CPU tensors, so each call ends synchronised)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(name: str, runner: Any, batches: list[int], seq: int, reference: torch.Tensor | None) -> dict[str, Any]:
     ids, mask = make_inputs(8, seq, seed=1)
     ids[3, seq // 2:] = 0
@@ -73,13 +63,13 @@ def measure(name: str, runner: Any, batches: list[int], seq: int, reference: tor
     one = make_inputs(1, seq)
     for _ in range(5):
         runner.infer(*one)
-    lat_ms = timed(lambda: runner.infer(*one), 30) * 1000
+    lat_ms = median_wall_s(lambda: runner.infer(*one), 30) * 1000
     thr: dict[int, float] = {}
     for b in batches:
         x = make_inputs(b, seq, seed=b)
         try:
             runner.infer(*x)
-            dt = timed(lambda: runner.infer(*x), 5)
+            dt = median_wall_s(lambda: runner.infer(*x), 5)
             thr[b] = b / dt
         except torch.OutOfMemoryError:  # a batch too large for the device: skip it
             thr[b] = float("nan")
