@@ -89,7 +89,8 @@ class ModelServer:
         self._pending_items = 0  # items received and not yet answered (queued + running)
         self._recent_waits: deque[tuple[float, float]] = deque()  # (time, queue wait ms) for autoscaling
         self._oom_cap: int | None = None  # set by a batch that ran out of device memory; applied on the loop
-        self.batch_tokens = spec.limits.max_batch_tokens or spec.batching.max_batch_size * spec.max_seq_len
+        # Padded tokens one batch may hold; None: no budget beyond the batch cap x max_seq_len.
+        self.batch_tokens = spec.limits.max_batch_tokens
         ctx = ray.get_runtime_context()
         self._served_by = (serve.get_replica_context().replica_id.unique_id, ctx.get_node_id()[:12])
         self.metrics.batching(self._batching.batch_wait_timeout_s, self._batching.max_batch_size)
@@ -225,7 +226,7 @@ class ModelServer:
         A token covers at least one UTF-8 byte (WordPiece, BPE, SentencePiece), so bytes + a few
         special tokens bound the count without tokenising; only a request over that bound is
         tokenised to decide exactly."""
-        if self.spec.limits.max_batch_tokens is None:
+        if self.batch_tokens is None:
             return
         cap = self.spec.max_seq_len
         if inputs.texts is not None:
@@ -321,7 +322,7 @@ class ModelServer:
             return [failure for _ in entries]
         except torch.OutOfMemoryError:
             items = count_items(entries)
-            if self.runner_device_is_cuda():
+            if self._device_is_cuda():
                 torch.cuda.empty_cache()
             if items <= 1:
                 logger.error("model %s: out of device memory on a single item", self.spec.name)
@@ -352,7 +353,7 @@ class ModelServer:
         return _ChunkResult(np.concatenate([p.outputs for p in done]), max(p.batch_size for p in done),
                             done[0].queue_wait_ms, max(p.batch_ms for p in done))
 
-    def runner_device_is_cuda(self) -> bool:
+    def _device_is_cuda(self) -> bool:
         return getattr(getattr(self.runner, "device", None), "type", None) == "cuda"
 
     def _compute(self, entries: list[BatchEntry], started: float) -> list[_ChunkResult | ServingError]:
@@ -366,8 +367,8 @@ class ModelServer:
         if faults.oom_above_items is not None and count_items(entries) > faults.oom_above_items:
             raise torch.OutOfMemoryError(f"injected fault (faults.oom_above_items={faults.oom_above_items})")
         rows = self.encoder.encode([e.inputs for e in entries])
-        outputs = torch.cat([self.runner.infer(*collate(group, self.encoder.pad_id))
-                             for group in token_budget_groups(rows, self.batch_tokens)])
+        groups = [rows] if self.batch_tokens is None else token_budget_groups(rows, self.batch_tokens)
+        outputs = torch.cat([self.runner.infer(*collate(group, self.encoder.pad_id)) for group in groups])
         parts = split_rows(outputs, [len(e.inputs) for e in entries])
         n = len(rows)
         batch_ms = (time.perf_counter() - started) * 1000.0

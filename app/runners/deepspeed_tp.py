@@ -103,6 +103,7 @@ class TensorParallelRunner(ModelRunner):
         self.output_dim: Optional[int] = None
         self.dtype: str = "?"
         self._lost: Optional[str] = None  # why the gang broke, once it has
+        self.rank_pids: list[int] = []
 
     def start(self) -> None:
         world = self.plan.tp
@@ -174,7 +175,7 @@ class TensorParallelRunner(ModelRunner):
             "strategy": self.strategy,
             # Which processes hold the ranks (for `ray list actors`, py-spy or a chaos drill).
             "rank_actors": [r._actor_id.hex() for r in self.ranks],
-            "rank_pids": list(getattr(self, "rank_pids", [])),
+            "rank_pids": list(self.rank_pids),
             "devices": [f"{'cuda' if self.use_gpu else 'cpu'}:rank{i}" for i in range(self.plan.tp)],
             "dtype": self.dtype,
             "output_dim": self.output_dim,

@@ -36,7 +36,7 @@ def _server() -> ModelServer:
     server.spec = ModelSpec.model_validate(tiny_bert_spec())
     server.runner = _PoisonRunner()
     server.encoder = _IdEncoder()
-    server.batch_tokens = 10**9
+    server.batch_tokens = None
     server._oom_cap = None
     return server
 
