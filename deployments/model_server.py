@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import ray
 from pydantic import ValidationError
@@ -66,6 +67,8 @@ class ModelServer:
         # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; say explicitly what we want.
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
+        # Worker start and imports, before this line: half of a new replica's start (autoscaling).
+        process_up_s = time.time() - psutil.Process().create_time()
         logger.info("model %s plan: %s x%d/%d/%d -- %s", spec.name, plan.strategy, plan.tp, plan.pp, plan.chunks,
                     plan.explain())
         tokenizer = load_tokenizer(spec)
@@ -95,8 +98,8 @@ class ModelServer:
         self._served_by = (serve.get_replica_context().replica_id.unique_id, ctx.get_node_id()[:12])
         self.metrics.batching(self._batching.batch_wait_timeout_s, self._batching.max_batch_size)
         logger.info(
-            "model %s ready in %.1fs: %s, batching %s, torch threads %d",
-            spec.name, time.perf_counter() - t0, self.runner.describe(), self._batching.model_dump(), threads,
+            "model %s process up %.1fs at __init__, ready in %.1fs: %s, batching %s, torch threads %d",
+            spec.name, process_up_s, time.perf_counter() - t0, self.runner.describe(), self._batching.model_dump(), threads,
         )
 
     def _measured_batch_limit(self) -> int:

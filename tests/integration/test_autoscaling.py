@@ -5,47 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
+from app.bench.scaleup import Traffic, drive
 from tests.helpers import tiny_bert_spec
 from tests.integration.conftest import app_entry, app_status, extra_app
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Traffic:
-    statuses: list[int] = field(default_factory=list)
-    served_by: list[tuple[float, str, str]] = field(default_factory=list)  # (t, replica, node)
-    wrong: int = 0
-
-
-async def drive(url: str, model: str, clients: int, seconds: float, traffic: Traffic, t0: float,
-                until_replicas: int = 0) -> None:
-    """Closed-loop load for `seconds`, or until `until_replicas` distinct replicas have answered."""
-    path = f"/v1/models/{model}:predict"
-
-    def done() -> bool:
-        return time.monotonic() - t0 >= seconds or (
-            until_replicas > 0 and len({r for _, r, _ in traffic.served_by}) >= until_replicas)
-
-    async def client(k: int) -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            i = 0
-            while not done():
-                text = f"client {k} request {i}"
-                r = await c.post(path, json={"instances": [text]})
-                traffic.statuses.append(r.status_code)
-                if r.status_code == 200:
-                    if len(r.json()["predictions"]) != 1:
-                        traffic.wrong += 1
-                    traffic.served_by.append((time.monotonic() - t0, r.headers["x-replica"], r.headers["x-node"]))
-                i += 1
-
-    await asyncio.gather(*(client(k) for k in range(clients)))
 
 
 def running_replicas(app: str, deployment: str) -> int:
@@ -62,7 +30,8 @@ def scaling_url(base_url, request):
         name="scaler",
         # 8 clients against batches of 2: four replicas' worth of queue for either policy.
         batching={"max_batch_size": 2, "batch_wait_timeout_s": 0.005},
-        deployment={"num_cpus": 0.1, "num_gpus": 1},  # one logical GPU: 4 replicas need both workers
+        # One logical GPU: 4 replicas need both workers. One torch thread: replicas share the cores.
+        deployment={"num_cpus": 0.1, "num_gpus": 1, "torch_threads": 1},
         autoscaling={"enabled": True, "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
                      "upscale_delay_s": 0.5, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
                      "look_back_period_s": 2, "policy": request.param, "target_queue_wait_ms": 50},
@@ -75,10 +44,10 @@ def test_scales_out_across_nodes_and_back_without_losing_requests(scaling_url):
     assert running_replicas("scaling", "scaler") == 1
     traffic = Traffic()
     t0 = time.monotonic()
-    asyncio.run(drive(scaling_url, "scaler", clients=8, seconds=120, traffic=traffic, t0=t0, until_replicas=3))
-    replicas = {r for _, r, _ in traffic.served_by}
+    asyncio.run(drive(scaling_url, "scaler", traffic, t0, seconds=120, clients=8, until_replicas=3))
+    replicas = traffic.replicas()
     nodes = {n for _, _, n in traffic.served_by}
-    first_new = min((t for t, r, _ in traffic.served_by if r != traffic.served_by[0][1]), default=float("nan"))
+    first_new = traffic.first_new_replica_s()
     print(f"\n[{scaling_url}] burst: {len(traffic.statuses)} requests, {len(replicas)} replicas on {len(nodes)} nodes; "
           f"first request served by a new replica {first_new:.1f} s after the load step; "
           f"status: {app_status('scaling').deployments['scaler']}")
@@ -131,7 +100,7 @@ def test_tensor_parallel_replicas_scale_as_whole_gangs(gang_url):
     t0 = time.monotonic()
 
     async def until_two() -> None:
-        await drive(gang_url, "gang", clients=12, seconds=150, traffic=traffic, t0=t0, until_replicas=2)
+        await drive(gang_url, "gang", traffic, t0, seconds=150, clients=12, until_replicas=2)
 
     asyncio.run(until_two())
     replicas = {r for _, r, _ in traffic.served_by}
