@@ -82,6 +82,10 @@ class DeploymentOptions(_Strict):
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
     # Intra-op threads for CPU inference; None lets torch decide.
     torch_threads: Optional[int] = Field(None, ge=1)
+    # Threads that tokenise a batch (the `tokenizers` Rust pool, RAYON_NUM_THREADS); None: one per
+    # core of the host. Set it to the replica's CPU share when several replicas share a host, or
+    # each replica's pool spans every core and they contend.
+    tokenizer_threads: Optional[int] = Field(None, ge=1)
 
 
 class DeviceBudget(_Strict):

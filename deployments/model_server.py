@@ -71,6 +71,9 @@ class ModelServer:
         process_up_s = time.time() - psutil.Process().create_time()
         logger.info("model %s plan: %s x%d/%d/%d -- %s", spec.name, plan.strategy, plan.tp, plan.pp, plan.chunks,
                     plan.explain())
+        if spec.deployment.tokenizer_threads is not None:
+            # Read once, when the pool first starts: before the tokenizer's first batch.
+            os.environ["RAYON_NUM_THREADS"] = str(spec.deployment.tokenizer_threads)
         tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(tokenizer, spec.max_seq_len)
         self.model_vocab = int(build_config(spec, vocab_size).vocab_size)
@@ -98,8 +101,9 @@ class ModelServer:
         self._served_by = (serve.get_replica_context().replica_id.unique_id, ctx.get_node_id()[:12])
         self.metrics.batching(self._batching.batch_wait_timeout_s, self._batching.max_batch_size)
         logger.info(
-            "model %s process up %.1fs at __init__, ready in %.1fs: %s, batching %s, torch threads %d",
-            spec.name, process_up_s, time.perf_counter() - t0, self.runner.describe(), self._batching.model_dump(), threads,
+            "model %s process up %.1fs at __init__, ready in %.1fs: %s, batching %s, torch threads %d, "
+            "tokenizer threads %s", spec.name, process_up_s, time.perf_counter() - t0, self.runner.describe(),
+            self._batching.model_dump(), threads, os.environ.get("RAYON_NUM_THREADS", "all cores"),
         )
 
     def _measured_batch_limit(self) -> int:

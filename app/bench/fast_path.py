@@ -37,7 +37,8 @@ SHORT_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Dynamic batching
 
 
 def bert_spec(tokenizer: str, max_batch: int, wait_s: float, replicas: int, gpus_per_replica: float,
-              cuda_graphs: bool, concurrent_batches: int = 1) -> dict[str, Any]:
+              cuda_graphs: bool, concurrent_batches: int = 1, tokenizer_threads: Optional[int] = None,
+              num_cpus: float = 1) -> dict[str, Any]:
     return {
         "name": "bert",
         "source": {"kind": "random_init", "architecture": "bert", "config": BERT_BASE, "seed": 0,
@@ -47,8 +48,8 @@ def bert_spec(tokenizer: str, max_batch: int, wait_s: float, replicas: int, gpus
                      "max_concurrent_batches": concurrent_batches},
         "limits": {"max_items_per_request": 256},
         "acceleration": {"cuda_graphs": cuda_graphs},
-        "deployment": {"num_replicas": replicas, "num_gpus": gpus_per_replica, "num_cpus": 1,
-                       "max_ongoing_requests": 2048, "torch_threads": 1},
+        "deployment": {"num_replicas": replicas, "num_gpus": gpus_per_replica, "num_cpus": num_cpus,
+                       "max_ongoing_requests": 2048, "torch_threads": 1, "tokenizer_threads": tokenizer_threads},
     }
 
 
@@ -328,54 +329,33 @@ def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[],
     served = Served(ns.gpus, None, hey, ns.duration)
     multi, single = v2_body([TEXT] * 32), v2_body([TEXT])
     results = out.setdefault("scaling", [])
-    for n in (1, ns.gpus):
-        doc = app_doc("bert", [bert_spec(ns.tokenizer, ns.max_batch, ns.wait, n, 1, True)], "fused")
-        took = served.deploy(doc, "/v2/health/ready")
-        for items, body, conc in ((32, multi, ns.multi_concurrency * n), (1, single, ns.concurrency * n)):
-            r = served.load("/v2/models/bert/infer", body, conc, items)
-            r.update(label=f"{items}-item requests, {n} replica(s) x 1 GPU", replicas=n, deploy_s=took)
-            results.append(r)
-            _show(r["label"], r)
-            save()
-    served.close()
-    by = {(r["replicas"], r["items_per_request"]): r["items_per_s"] for r in results}
-    out["scaling_efficiency"] = {f"{items}-item": by[(ns.gpus, items)] / (ns.gpus * by[(1, items)]) for items in (32, 1)}
-    print("\nscaling efficiency (N replicas / (N x 1 replica)):", json.dumps(out["scaling_efficiency"]))
-
-
-def cpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
-    from app.bench.hey import find_hey
-
-    hey = find_hey()
-    if hey is None:
-        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
-    raws = {}
-    for threads in ns.thread_counts:
-        raw = raw_cpu(ns.max_batch, threads)
-        raws[threads] = raw
-        print(f"raw MiniLM, batch {raw['batch']}, {threads} threads: forward {raw['forward_ms']:.1f} ms "
-              f"({raw['items_per_s']:.0f} items/s), tokenise {raw['tokenize_ms']:.1f} ms", flush=True)
-    out["raw"] = list(raws.values())
-    save()
-    served = Served(0, None, hey, ns.duration)
-    body = v2_body([SHORT_TEXTS[i % 2] for i in range(ns.max_batch)])
-    results = out.setdefault("served", [])
-    for mode in ("routed", "fused"):
-        for threads in ns.thread_counts:
-            served.deploy(app_doc("cpu", [minilm_spec(ns.max_batch, threads)], mode), "/v2/health/ready")
-            for conc in (1, 2):
-                r = served.load("/v2/models/minilm/infer", body, conc, ns.max_batch)
-                r.update(label=f"{mode}, {threads} torch threads, {ns.max_batch}-item requests",
-                         threads=threads, mode=mode, ratio_vs_raw=r["items_per_s"] / raws[threads]["items_per_s"])
+    cpus = os.cpu_count() or 1
+    variants = [(None, 1)] + [(t, c) for t in ns.scaling_tokenizer_threads for c in ns.scaling_concurrent_batches]
+    rows = ((32, multi, ns.multi_concurrency), (1, single, ns.concurrency))[: 1 if ns.multi_only else 2]
+    for threads, concurrent in variants:
+        # Each replica reserves its share of the host's cores, and tokenises on that many threads.
+        share = max(1, cpus // (2 * ns.gpus)) if threads is not None else 1
+        for n in (1, ns.gpus):
+            spec = bert_spec(ns.tokenizer, ns.max_batch, ns.wait, n, 1, True, concurrent_batches=concurrent,
+                             tokenizer_threads=threads, num_cpus=share)
+            took = served.deploy(app_doc("bert", [spec], "fused"), "/v2/health/ready")
+            for items, body, conc in rows:
+                r = served.load("/v2/models/bert/infer", body, conc * n, items)
+                r.update(label=f"{items}-item, {n} replica(s) x 1 GPU, tokenizer threads {threads or 'all'}, "
+                               f"concurrent batches {concurrent}",
+                         replicas=n, deploy_s=took, tokenizer_threads=threads, concurrent_batches=concurrent)
                 results.append(r)
                 _show(r["label"], r)
-                print(f"    served / raw ({threads} threads) = {r['ratio_vs_raw']:.2f}", flush=True)
                 save()
     served.close()
-    best = max(results, key=lambda r: r["items_per_s"])  # the fastest served setting, against its own raw
-    out["verdict"] = {"best": best["label"], "concurrency": best["concurrency"], "served_items_per_s": best["items_per_s"],
-                      "raw_items_per_s": raws[best["threads"]]["items_per_s"], "ratio": best["ratio_vs_raw"]}
-    print("\nverdict:", json.dumps(out["verdict"]))
+    eff = out.setdefault("scaling_efficiency", {})
+    for threads, concurrent in variants:
+        by = {(r["replicas"], r["items_per_request"]): r["items_per_s"] for r in results
+              if r["tokenizer_threads"] == threads and r["concurrent_batches"] == concurrent}
+        for items, _, _ in rows:
+            eff[f"{items}-item, tokenizer threads {threads or 'all'}, concurrent batches {concurrent}"] = (
+                by[(ns.gpus, items)] / (ns.gpus * by[(1, items)]))
+    print("\nscaling efficiency (N replicas / (N x 1 replica)):", json.dumps(eff, indent=1))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -384,6 +364,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cpu", action="store_true", help="the CPU run (MiniLM) instead of the GPU run")
     p.add_argument("--scaling", action="store_true", help="replica scaling across --gpus GPUs (one replica each)")
     p.add_argument("--gpus", type=int, default=4, help="scaling run: GPUs on the host")
+    p.add_argument("--scaling-tokenizer-threads", type=int, nargs="*", default=[],
+                   help="scaling run: also with each replica tokenising on this many threads (and reserving "
+                        "cores/(2 x GPUs) CPUs)")
+    p.add_argument("--scaling-concurrent-batches", type=int, nargs="*", default=[1],
+                   help="scaling run: max_concurrent_batches for the --scaling-tokenizer-threads variants")
+    p.add_argument("--multi-only", action="store_true", help="scaling run: 32-item rows only")
     p.add_argument("--tokenizer", help="GPU run: directory with the BERT uncased tokenizer files")
     p.add_argument("--replicas", type=int, nargs="+", default=[4], help="GPU run: replica counts sharing the one GPU")
     p.add_argument("--max-batch", type=int, default=None, help="batch cap (GPU 128, CPU 32)")

@@ -20,6 +20,22 @@ def test_collate_pads_right_with_mask():
     assert ids.dtype == torch.long
 
 
+def test_collate_equals_row_by_row_padding():
+    import random
+
+    rng = random.Random(0)
+    for equal in (False, True):
+        for _ in range(50):
+            n = rng.randint(1, 9)
+            lengths = [5] * n if equal else [rng.randint(1, 12) for _ in range(n)]
+            rows = [[rng.randint(1, 30000) for _ in range(k)] for k in lengths]
+            ids, mask = collate(rows, pad_id=7)
+            longest = max(lengths)
+            assert ids.tolist() == [r + [7] * (longest - len(r)) for r in rows]
+            assert mask.tolist() == [[1] * len(r) + [0] * (longest - len(r)) for r in rows]
+            assert ids.dtype == mask.dtype == torch.long
+
+
 def test_split_rows_checks_count():
     parts = split_rows(torch.arange(10).reshape(5, 2), [2, 3])
     assert [p.shape[0] for p in parts] == [2, 3]
