@@ -330,7 +330,7 @@ def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[],
     multi, single = v2_body([TEXT] * 32), v2_body([TEXT])
     results = out.setdefault("scaling", [])
     cpus = os.cpu_count() or 1
-    variants = [(None, 1)] + [(t, c) for t in ns.scaling_tokenizer_threads for c in ns.scaling_concurrent_batches]
+    variants = ([] if ns.scaling_skip_default else [(None, 1)]) + [(t, c) for t in ns.scaling_tokenizer_threads for c in ns.scaling_concurrent_batches]
     rows = ((32, multi, ns.multi_concurrency), (1, single, ns.concurrency))[: 1 if ns.multi_only else 2]
     for threads, concurrent in variants:
         # Each replica reserves its share of the host's cores, and tokenises on that many threads.
@@ -370,6 +370,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--scaling-concurrent-batches", type=int, nargs="*", default=[1],
                    help="scaling run: max_concurrent_batches for the --scaling-tokenizer-threads variants")
     p.add_argument("--multi-only", action="store_true", help="scaling run: 32-item rows only")
+    p.add_argument("--scaling-skip-default", action="store_true",
+                   help="scaling run: only the --scaling-tokenizer-threads variants")
     p.add_argument("--tokenizer", help="GPU run: directory with the BERT uncased tokenizer files")
     p.add_argument("--replicas", type=int, nargs="+", default=[4], help="GPU run: replica counts sharing the one GPU")
     p.add_argument("--max-batch", type=int, default=None, help="batch cap (GPU 128, CPU 32)")
