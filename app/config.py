@@ -173,6 +173,10 @@ class AccelerationConfig(_Strict):
     # 32 up to max_seq_len unless given. Larger than any bucket -> the eager path.
     batch_buckets: Optional[list[int]] = None
     seq_buckets: Optional[list[int]] = None
+    # Wait for a batch's results on a blocking CUDA event (the thread sleeps) after an asynchronous
+    # copy into pinned memory, instead of a synchronous copy, which spins a core for as long as the
+    # GPU takes: with several replicas sharing one GPU each wait includes the others' kernels.
+    blocking_sync: bool = True
 
     @field_validator("batch_buckets", "seq_buckets")
     @classmethod

@@ -38,7 +38,7 @@ SHORT_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Dynamic batching
 
 def bert_spec(tokenizer: str, max_batch: int, wait_s: float, replicas: int, gpus_per_replica: float,
               cuda_graphs: bool, concurrent_batches: int = 1, tokenizer_threads: Optional[int] = None,
-              num_cpus: float = 1) -> dict[str, Any]:
+              num_cpus: float = 1, blocking_sync: bool = True) -> dict[str, Any]:
     return {
         "name": "bert",
         "source": {"kind": "random_init", "architecture": "bert", "config": BERT_BASE, "seed": 0,
@@ -47,7 +47,7 @@ def bert_spec(tokenizer: str, max_batch: int, wait_s: float, replicas: int, gpus
         "batching": {"max_batch_size": max_batch, "batch_wait_timeout_s": wait_s,
                      "max_concurrent_batches": concurrent_batches},
         "limits": {"max_items_per_request": 256},
-        "acceleration": {"cuda_graphs": cuda_graphs},
+        "acceleration": {"cuda_graphs": cuda_graphs, "blocking_sync": blocking_sync},
         "deployment": {"num_replicas": replicas, "num_gpus": gpus_per_replica, "num_cpus": num_cpus,
                        "max_ongoing_requests": 2048, "torch_threads": 1, "tokenizer_threads": tokenizer_threads},
     }
@@ -255,8 +255,9 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
     single, multi = v2_body([TEXT]), v2_body([TEXT] * 32)
     path, ready = "/v2/models/bert/infer", "/v2/health/ready"
 
-    def bert(replicas: int, graphs: bool, mode: str) -> dict[str, Any]:
-        return app_doc("bert", [bert_spec(tok, cap, ns.wait, replicas, 1 / replicas, graphs)], mode)
+    def bert(replicas: int, graphs: bool, mode: str, blocking_sync: bool = True) -> dict[str, Any]:
+        spec = bert_spec(tok, cap, ns.wait, replicas, 1 / replicas, graphs, blocking_sync=blocking_sync)
+        return app_doc("bert", [spec], mode)
 
     # (label, config, items per request); consecutive rows with the same config share one deploy.
     steps: list[tuple[str, dict[str, Any], int]] = [] if ns.no_baseline else [
@@ -267,6 +268,10 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
     ]
     for n in ns.replicas:
         steps.append((f"no-op ceiling, {n} replicas", noop_doc(n), 1))
+        if ns.spin_compare:
+            spin = bert(n, True, "fused", blocking_sync=False)
+            steps.append((f"fused, CUDA graphs, {n} replicas, spin-wait sync", spin, 1))
+            steps.append((f"32-item requests, {n} replicas, spin-wait sync", spin, 32))
         fast = bert(n, True, "fused")
         steps.append((f"fused, CUDA graphs, {n} replicas x {1 / n:.3f} GPU", fast, 1))
         steps.append((f"32-item requests, fused, CUDA graphs, {n} replicas", fast, 32))
@@ -384,6 +389,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--raw-only", action="store_true", help="GPU run: the raw model only")
     p.add_argument("--no-baseline", action="store_true", help="GPU run: skip the one-replica steps")
+    p.add_argument("--spin-compare", action="store_true",
+                   help="GPU run: also each replica count with acceleration.blocking_sync off (CUDA's spin-wait)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = p.parse_args(argv)
     if ns.max_batch is None:

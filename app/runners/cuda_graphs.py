@@ -32,6 +32,21 @@ def default_seq_buckets(max_seq_len: int, step: int = 32) -> list[int]:
     return sorted({*range(step, max_seq_len, step), max_seq_len})
 
 
+def to_host(out: torch.Tensor, blocking: bool) -> torch.Tensor:
+    """`out` as float32 on the CPU. `blocking`: copy asynchronously into pinned memory and wait on
+    an event created with the blocking-sync flag, so the calling thread sleeps rather than spinning
+    (CUDA spins while waiting whenever the process has fewer contexts than there are cores)."""
+    out = out.float()
+    if out.device.type != "cuda" or not blocking:
+        return out.cpu()
+    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    host.copy_(out, non_blocking=True)
+    done = torch.cuda.Event(blocking=True)
+    done.record()
+    done.synchronize()
+    return host
+
+
 class _Graph:
     def __init__(self, batch: int, seq: int, device: torch.device):
         self.ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
@@ -44,8 +59,9 @@ class GraphedForward:
     """`forward(ids, mask) -> [B, D]` replayed from CUDA graphs; None when a batch fits no bucket."""
 
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
-                 batch_buckets: Sequence[int], seq_buckets: Sequence[int]):
+                 batch_buckets: Sequence[int], seq_buckets: Sequence[int], blocking_sync: bool = True):
         self.forward = forward
+        self.blocking_sync = blocking_sync
         self.device = device
         self.batch_buckets = sorted(set(batch_buckets))
         self.seq_buckets = sorted(set(seq_buckets))
@@ -98,7 +114,7 @@ class GraphedForward:
             g.mask[:b, :s].copy_(mask, non_blocking=True)
             g.graph.replay()
             assert g.out is not None
-            return g.out[:b].float().cpu()
+            return to_host(g.out[:b], self.blocking_sync)
 
     def __len__(self) -> int:
         return len(self._graphs)

@@ -10,7 +10,7 @@ import torch
 from app.config import ModelSpec
 from app.models.loader import build_backbone, resolve_device, resolve_dtype, wrap_head
 from app.runners.base import ModelRunner
-from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, default_seq_buckets
+from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, default_seq_buckets, to_host
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,6 +37,7 @@ class LocalRunner(ModelRunner):
                 self.model, self.device,
                 acc.batch_buckets or default_batch_buckets(self.spec.batching.max_batch_size),
                 acc.seq_buckets or default_seq_buckets(self.spec.max_seq_len),
+                blocking_sync=acc.blocking_sync,
             )
             took = self.graphs.capture()
             logger.info("model %s: captured %d CUDA graphs in %.1fs (batch buckets %s, seq buckets %s)",
@@ -69,7 +70,7 @@ class LocalRunner(ModelRunner):
         non_blocking = self.device.type == "cuda"
         ids = input_ids.to(self.device, non_blocking=non_blocking)
         mask = attention_mask.to(self.device, non_blocking=non_blocking)
-        return self.model(ids, mask).float().cpu()
+        return to_host(self.model(ids, mask), self.spec.acceleration.blocking_sync)
 
     def check_health(self) -> None:
         if self.model is None:

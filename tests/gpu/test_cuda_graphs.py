@@ -37,3 +37,13 @@ def test_graphed_outputs_equal_eager(task, dtype, tol):
         assert got.shape == ref.shape
         rel = float((ref - got).abs().max() / ref.abs().max())
         assert rel <= tol, (b, s, rel)
+
+
+def test_blocking_host_copy_equals_synchronous_copy():
+    from app.runners.cuda_graphs import to_host
+
+    x = torch.randn(64, 384, device="cuda", dtype=torch.bfloat16) @ torch.randn(384, 384, device="cuda",
+                                                                               dtype=torch.bfloat16)
+    got, ref = to_host(x, blocking=True), to_host(x, blocking=False)
+    assert got.is_pinned() and got.dtype == torch.float32 and not ref.is_pinned()
+    assert torch.equal(got, ref)
