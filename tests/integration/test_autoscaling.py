@@ -30,8 +30,7 @@ def scaling_url(base_url, request):
         name="scaler",
         # 8 clients against batches of 2: four replicas' worth of queue for either policy.
         batching={"max_batch_size": 2, "batch_wait_timeout_s": 0.005},
-        # One logical GPU: 4 replicas need both workers. One torch thread: replicas share the cores.
-        deployment={"num_cpus": 0.1, "num_gpus": 1, "torch_threads": 1},
+        deployment={"num_cpus": 0.1, "num_gpus": 1},  # one logical GPU: 4 replicas need both workers
         autoscaling={"enabled": True, "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
                      "upscale_delay_s": 0.5, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
                      "look_back_period_s": 2, "policy": request.param, "target_queue_wait_ms": 50},
