@@ -256,7 +256,8 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
     path, ready = "/v2/models/bert/infer", "/v2/health/ready"
 
     def bert(replicas: int, graphs: bool, mode: str, blocking_sync: bool = True) -> dict[str, Any]:
-        spec = bert_spec(tok, cap, ns.wait, replicas, 1 / replicas, graphs, blocking_sync=blocking_sync)
+        spec = bert_spec(tok, cap, ns.wait, replicas, 1 / replicas, graphs, blocking_sync=blocking_sync,
+                         concurrent_batches=ns.concurrent_batches)
         return app_doc("bert", [spec], mode)
 
     # (label, config, items per request); consecutive rows with the same config share one deploy.
@@ -389,6 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--raw-only", action="store_true", help="GPU run: the raw model only")
     p.add_argument("--no-baseline", action="store_true", help="GPU run: skip the one-replica steps")
+    p.add_argument("--concurrent-batches", type=int, default=1, help="GPU run: max_concurrent_batches per replica")
     p.add_argument("--spin-compare", action="store_true",
                    help="GPU run: also each replica count with acceleration.blocking_sync off (CUDA's spin-wait)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
