@@ -131,7 +131,11 @@ class StatusWatch:
         from ray import serve
 
         while not self._stop.is_set():
-            app = serve.status().applications.get(self.app)
+            try:
+                app = serve.status().applications.get(self.app)
+            except Exception:  # noqa: BLE001 - a slow controller under load: poll again
+                self._stop.wait(self.period_s)
+                continue
             dep = app.deployments.get(self.deployment) if app else None
             if dep is not None:
                 states = dep.replica_states
