@@ -364,6 +364,41 @@ def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[],
     print("\nscaling efficiency (N replicas / (N x 1 replica)):", json.dumps(eff, indent=1))
 
 
+def cpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
+    from app.bench.hey import find_hey
+
+    hey = find_hey()
+    if hey is None:
+        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    raws = {}
+    for threads in ns.thread_counts:
+        raw = raw_cpu(ns.max_batch, threads)
+        raws[threads] = raw
+        print(f"raw MiniLM, batch {raw['batch']}, {threads} threads: forward {raw['forward_ms']:.1f} ms "
+              f"({raw['items_per_s']:.0f} items/s), tokenise {raw['tokenize_ms']:.1f} ms", flush=True)
+    out["raw"] = list(raws.values())
+    save()
+    served = Served(0, None, hey, ns.duration)
+    body = v2_body([SHORT_TEXTS[i % 2] for i in range(ns.max_batch)])
+    results = out.setdefault("served", [])
+    for mode in ("routed", "fused"):
+        for threads in ns.thread_counts:
+            served.deploy(app_doc("cpu", [minilm_spec(ns.max_batch, threads)], mode), "/v2/health/ready")
+            for conc in (1, 2):
+                r = served.load("/v2/models/minilm/infer", body, conc, ns.max_batch)
+                r.update(label=f"{mode}, {threads} torch threads, {ns.max_batch}-item requests",
+                         threads=threads, mode=mode, ratio_vs_raw=r["items_per_s"] / raws[threads]["items_per_s"])
+                results.append(r)
+                _show(r["label"], r)
+                print(f"    served / raw ({threads} threads) = {r['ratio_vs_raw']:.2f}", flush=True)
+                save()
+    served.close()
+    best = max(results, key=lambda r: r["items_per_s"])  # the fastest served setting, against its own raw
+    out["verdict"] = {"best": best["label"], "concurrency": best["concurrency"], "served_items_per_s": best["items_per_s"],
+                      "raw_items_per_s": raws[best["threads"]]["items_per_s"], "ratio": best["ratio_vs_raw"]}
+    print("\nverdict:", json.dumps(out["verdict"]))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.bench.fast_path", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

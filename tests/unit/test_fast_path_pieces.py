@@ -81,3 +81,16 @@ def test_acceleration_buckets_validated():
 def test_hey_small_sample_p99_falls_back_to_slowest():
     text = HEY_OUTPUT.replace("  99% in 0.0480 secs", "  0% in 0.0000 secs")
     assert parse_report(text).p99_ms == pytest.approx(201.1)
+
+
+@pytest.mark.parametrize("argv", [["--cpu"], ["--scaling", "--gpus", "4", "--tokenizer", "t"],
+                                  ["--tokenizer", "t", "--skip-raw"]])
+def test_every_run_of_the_fast_path_benchmark_starts(argv, monkeypatch, tmp_path):
+    """Each mode reaches its own runner (which first looks for `hey`), not a NameError."""
+    import app.bench.fast_path as fast_path
+    import app.bench.hey as hey
+
+    monkeypatch.setattr(hey, "find_hey", lambda: None)
+    monkeypatch.setattr(fast_path, "raw_cpu", lambda *a, **k: pytest.fail("the CPU run must look for hey first"))
+    with pytest.raises(SystemExit, match="hey not found"):
+        fast_path.main([*argv, "--out", str(tmp_path)])
