@@ -336,7 +336,9 @@ def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[],
     multi, single = v2_body([TEXT] * 32), v2_body([TEXT])
     results = out.setdefault("scaling", [])
     cpus = os.cpu_count() or 1
-    variants = ([] if ns.scaling_skip_default else [(None, 1)]) + [(t, c) for t in ns.scaling_tokenizer_threads for c in ns.scaling_concurrent_batches]
+    # (tokenizer threads per replica, concurrent batches); None: the default pool over every core.
+    variants = [] if ns.scaling_skip_default else [(None, 1)]
+    variants += [(t, c) for t in ns.scaling_tokenizer_threads for c in ns.scaling_concurrent_batches]
     rows = ((32, multi, ns.multi_concurrency), (1, single, ns.concurrency))[: 1 if ns.multi_only else 2]
     for threads, concurrent in variants:
         # Each replica reserves its share of the host's cores, and tokenises on that many threads.

@@ -17,11 +17,8 @@ import multiprocessing as mp
 import os
 import statistics
 import threading
-import time
 from pathlib import Path
 from typing import Any, Optional
-
-import httpx
 
 from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms
 
@@ -185,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import ray
     from ray import serve
 
-    from app.bench.retune import apply_batching, deploy_config
+    from app.bench.retune import apply_batching, deploy_config, wait_ready
 
     ray.init(num_gpus=ns.gpus, num_cpus=2 if SMOKE else None, _metrics_export_port=8080, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
@@ -198,14 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         doc = {"applications": [{"name": "gpu", "route_prefix": "/", "import_path": "deployments.builder:build_app",
                                  "args": args}]}
         deploy_config(doc)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_ready(url, timeout_s=300, period_s=1)
         load_mp(url, "bert", 2, 8, 3)  # warm-up
         return doc
 

@@ -23,6 +23,19 @@ def deploy_config(config: dict[str, Any]) -> None:
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
 
 
+def wait_ready(url: str, timeout_s: float = 180, period_s: float = 0.5) -> None:
+    """Poll the application's `/v2/health/ready` until it answers 200 (every model ready)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(period_s)
+    raise TimeoutError(f"{url} not ready within {timeout_s:.0f} s")
+
+
 def with_user_config(config: dict[str, Any], app: str, model: str, user_config: dict[str, Any]) -> dict[str, Any]:
     doc = copy.deepcopy(config)
     for a in doc["applications"]:

@@ -26,6 +26,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ class StepResult:
 
 def measure(policy: str, mode: str, port: int, clients: int, rate: float, timeout_s: float,
             before_step: Any = None) -> StepResult:
-    from app.bench.retune import deploy_config
+    from app.bench.retune import deploy_config, wait_ready
 
     app = f"scaleup-{policy.replace('_', '-')}"
     spec = scaler_spec(policy)
@@ -189,7 +190,7 @@ def measure(policy: str, mode: str, port: int, clients: int, rate: float, timeou
                                 "args": {"models": [spec], "ingress": {"mode": mode}}}]}
     deploy_config(config)
     url = f"http://127.0.0.1:{port}/{app}"
-    _wait_ready(url)
+    wait_ready(url)
     if before_step is not None:
         before_step()
     # Warm: one request in flight, so one replica is serving steadily before the step.
@@ -201,9 +202,7 @@ def measure(policy: str, mode: str, port: int, clients: int, rate: float, timeou
         asyncio.run(drive(url, "scaler", traffic, t0, seconds=timeout_s, clients=clients, rate=rate, until_replicas=2))
     first = traffic.served_by[0][1] if traffic.served_by else ""
     new = next((r for _, r, _ in traffic.served_by if r != first), "")
-    counts: dict[int, int] = {}
-    for s in traffic.statuses:
-        counts[s] = counts.get(s, 0) + 1
+    counts = dict(Counter(traffic.statuses))
     deploy_config({"applications": []})
     return StepResult(policy, mode, f"{clients} closed-loop clients" if rate <= 0 else f"{rate:g} req/s open loop",
                       watch.decided_s, watch.running_s, traffic.first_new_replica_s(),
@@ -242,7 +241,8 @@ class PinnedCluster:
 
         for info in node.all_processes.values():
             for p in info:
-                for proc in [psutil.Process(p.process.pid), *psutil.Process(p.process.pid).children(recursive=True)]:
+                root = psutil.Process(p.process.pid)
+                for proc in [root, *root.children(recursive=True)]:
                     os.sched_setaffinity(proc.pid, cores)
 
     def add_fresh_node(self) -> None:
@@ -259,18 +259,6 @@ class PinnedCluster:
         self.cluster.shutdown()
 
 
-def _wait_ready(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready within {timeout_s}s")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", nargs="+", default=["default", "queue_depth"], choices=["default", "queue_depth"])
@@ -285,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
     from ray import serve
-
-    from app.bench.retune import deploy_config  # noqa: F401 - imported before Ray starts
 
     cluster = PinnedCluster() if ns.layout == "per-node" else None
     if cluster is None:

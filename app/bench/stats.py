@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from app.quantiles import percentile  # noqa: F401 - re-exported: the bench summaries use it
+from app.quantiles import percentile
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ray import serve
 from ray._common.test_utils import wait_for_condition
 from ray.cluster_utils import Cluster
 
-from app.bench.retune import deploy_config  # noqa: F401 - tests import it from here too
+from app.bench.retune import deploy_config, wait_ready  # deploy_config: tests import it from here too
 from tests.helpers import serve_config
 
 
@@ -64,16 +64,6 @@ def http_port(ray_cluster) -> int:
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
-
-
-def wait_ready(url: str, timeout_s: float = 180) -> None:
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for_condition(ready, timeout=timeout_s, retry_interval_ms=500)
 
 
 @pytest.fixture(scope="session")
