@@ -85,7 +85,13 @@ class DeploymentOptions(_Strict):
     # Threads that tokenise a batch (the `tokenizers` Rust pool, RAYON_NUM_THREADS); None: one per
     # core of the host. Set it to the replica's CPU share when several replicas share a host, or
     # each replica's pool spans every core and they contend.
-    tokenizer_threads: Optional[int] = Field(None, ge=1)
+    # 0: no pool; each batch is tokenised on the thread that runs it (no hand-off to idle pool
+    # threads that spin between batches: cheaper when batches hold few texts).
+    tokenizer_threads: Optional[int] = Field(None, ge=0)
+    # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval;
+    # Python's default 5 ms). A replica's event loops and its batch thread share one GIL: each
+    # time the batch thread comes back from the tokenizer or the device it may wait this long.
+    gil_switch_interval_ms: Optional[float] = Field(None, gt=0, le=100)
 
 
 class DeviceBudget(_Strict):
@@ -277,9 +283,13 @@ class IngressOptions(_Strict):
     Serve handles (many models, each scaled on its own). `fused`: the model server *is* the HTTP
     ingress (one model per application): no second hop, which is the fast path (README, #7).
     In fused mode the model's own `deployment`/`autoscaling` settings apply and the fields below
-    except `mode` are ignored."""
+    except `mode` and `fast_routes` are ignored."""
 
     mode: Literal["routed", "fused"] = "routed"
+    # The inference routes (v2 infer, v1 predict) answered straight from ASGI, ahead of FastAPI's
+    # router and dependency solving (same handlers, same errors; README "Fast path" has the cost).
+    # Off: every route goes through FastAPI. Applies in both modes.
+    fast_routes: bool = True
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0.0)
     max_ongoing_requests: int = Field(1000, ge=1)

@@ -7,6 +7,7 @@ right status. Serve itself echoes or assigns `X-Request-ID` on every response.
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any, Optional
 
@@ -87,15 +88,62 @@ class _Observe:
             state = scope["app"].state if "app" in scope else None
             metrics: Optional[IngressMetrics] = getattr(state, "metrics", None)
             if metrics is not None:
-                # The router fills in the matched route and path parameters on the shared scope.
+                # The router (or _FastRoutes) puts the matched route and path parameters on the scope.
                 route = scope.get("route")
+                template = scope.get("route_template") or (route.path if route is not None else "unmatched")
                 name = scope.get("path_params", {}).get("name")
                 known = getattr(state, "model_names", ())
                 model = "-" if name is None else (name if name in known else "unknown")
-                metrics.record(model, route.path if route is not None else "unmatched", status,
-                               (time.perf_counter() - t0) * 1000.0)
+                metrics.record(model, template, status, (time.perf_counter() - t0) * 1000.0)
 
 
+class _FastRoutes:
+    """The inference routes answered straight from ASGI, ahead of FastAPI (`ingress.fast_routes`).
+
+    FastAPI's per-request machinery (middleware layers, a scan of every route, dependency solving,
+    endpoint wrappers) costs a replica's one Python core about as much as a no-op request costs in
+    all (app/bench/replica_cpu.py measures it). Here the two inference routes skip it: the path is
+    matched once, and the very same route methods, limits and error mapping answer (FastAPI still
+    serves every other route, and documents these two in /openapi.json).
+    """
+
+    # (pattern, route path template, Ingress method): the patterns FastAPI compiles for the routes.
+    _ROUTES = (
+        (re.compile(r"/v2/models/([^/]+)/infer"), "/v2/models/{name}/infer", "v2_infer"),
+        (re.compile(r"/v1/models/([^/]+):predict"), "/v1/models/{name}:predict", "v1_predict"),
+    )
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        ingress = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            ingress = getattr(scope["app"].state, "fast_ingress", None)
+        if ingress is None:
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root + "/"):  # served under a route prefix (as Starlette strips it)
+            path = path[len(root):]
+        for pattern, template, method in self._ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            name = match.group(1)
+            # What the router would have set (the route's template and parameters): _Observe reads them.
+            scope["route_template"] = template
+            scope["path_params"] = {"name": name}
+            request = Request(scope, receive)
+            try:
+                response = await getattr(ingress, method)(name, request)
+            except ServingError as exc:
+                response = await _serving_error(request, exc)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+# Added last runs first: _Observe times and counts what _FastRoutes answers too.
+api.add_middleware(_FastRoutes)
 api.add_middleware(_Observe)
 
 
@@ -132,6 +180,7 @@ class Ingress:
         # The FastAPI app is this replica's own; its state carries what the middleware needs.
         api.state.metrics = IngressMetrics()
         api.state.model_names = frozenset(self.specs)
+        api.state.fast_ingress = self if args.ingress.fast_routes else None
 
     # ------------------------------------------------------------------ helpers
 

@@ -58,3 +58,43 @@ def test_fused_retunes_live_through_user_config(base_url):
         r = httpx.post(f"{url}/v1/models/bert-classifier:predict", json={"instances": [f"t{i}" for i in range(10)]},
                        timeout=30)
         assert r.status_code == 200 and int(r.headers["x-batch-size"]) <= 4
+
+
+def test_fast_routes_answer_exactly_as_fastapi_does(base_url):
+    """`ingress.fast_routes` (on in the repo config) answers the inference routes ahead of FastAPI:
+    the same bodies, statuses and headers as with it off, good requests and bad ones alike."""
+    spec = _repo_model("bert-classifier")
+    texts = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a b", "c"]}]}
+    binary = {**texts, "parameters": {"binary_data_output": True}}
+    cases = [
+        ("/v2/models/bert-classifier/infer", {"json": texts}),
+        ("/v2/models/bert-classifier/infer", {"json": binary}),
+        ("/v1/models/bert-classifier:predict", {"json": {"instances": ["x y", "z"]}}),
+        ("/v1/models/bert-classifier:predict", {"json": {"instances": []}}),  # 400
+        ("/v2/models/bert-classifier/infer", {"content": b"{not json"}),  # 400
+        ("/v2/models/bert-classifier/infer", {"json": {"inputs": [{"name": "text", "datatype": "BYTES",
+                                                                    "shape": [1], "data": ["x" * 2_000_000]}]}}),  # 413
+        ("/v2/models/nope/infer", {"json": texts}),  # 404
+        ("/v1/models/nope:predict", {"json": {"instances": ["x"]}}),  # 404
+    ]
+    fast_app = app_entry("fastroutes", [spec], ingress={"mode": "fused", "fast_routes": True})
+    slow_app = app_entry("fastapiroutes", [spec], ingress={"mode": "fused", "fast_routes": False})
+    with extra_app(base_url, fast_app) as fast_url, extra_app(base_url, slow_app) as slow_url:
+        with httpx.Client(timeout=60) as c:
+            for path, kwargs in cases:
+                a, b = c.post(fast_url + path, **kwargs), c.post(slow_url + path, **kwargs)
+                assert a.status_code == b.status_code, (path, a.text, b.text)
+                assert a.headers["content-type"] == b.headers["content-type"], path
+                if a.status_code != 200:
+                    assert a.json() == b.json(), path
+                    continue
+                assert a.headers.get("inference-header-content-length") == b.headers.get(
+                    "inference-header-content-length"), path
+                if path.startswith("/v1"):
+                    assert a.json() == b.json(), path
+                elif "inference-header-content-length" in a.headers:
+                    assert a.content == b.content, path  # same weights (seed), same bytes
+                else:
+                    assert a.json()["outputs"] == b.json()["outputs"], path
+            # Both count the requests under the route's template (the metrics middleware sees both).
+            assert c.get(f"{fast_url}/v2/health/ready").status_code == 200
