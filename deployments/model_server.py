@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -71,9 +72,14 @@ class ModelServer:
         process_up_s = time.time() - psutil.Process().create_time()
         logger.info("model %s plan: %s x%d/%d/%d -- %s", spec.name, plan.strategy, plan.tp, plan.pp, plan.chunks,
                     plan.explain())
-        if spec.deployment.tokenizer_threads is not None:
+        if spec.deployment.gil_switch_interval_ms is not None:
+            sys.setswitchinterval(spec.deployment.gil_switch_interval_ms / 1000.0)
+        tokenizer_threads = spec.deployment.tokenizer_threads
+        if tokenizer_threads == 0:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        elif tokenizer_threads is not None:
             # Read once, when the pool first starts: before the tokenizer's first batch.
-            os.environ["RAYON_NUM_THREADS"] = str(spec.deployment.tokenizer_threads)
+            os.environ["RAYON_NUM_THREADS"] = str(tokenizer_threads)
         tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(tokenizer, spec.max_seq_len)
         self.model_vocab = int(build_config(spec, vocab_size).vocab_size)
@@ -103,7 +109,8 @@ class ModelServer:
         logger.info(
             "model %s process up %.1fs at __init__, ready in %.1fs: %s, batching %s, torch threads %d, "
             "tokenizer threads %s", spec.name, process_up_s, time.perf_counter() - t0, self.runner.describe(),
-            self._batching.model_dump(), threads, os.environ.get("RAYON_NUM_THREADS", "all cores"),
+            self._batching.model_dump(), threads,
+            "none (batch thread)" if tokenizer_threads == 0 else os.environ.get("RAYON_NUM_THREADS", "all cores"),
         )
 
     def _measured_batch_limit(self) -> int:
