@@ -12,6 +12,9 @@ GPU run (BERT-base-shaped classifier, seq 128, bf16, random weights), in order:
      (the model server is the ingress), + CUDA graphs, + several replicas per GPU; single-item
      text requests and 32-item requests.
 CPU run: raw MiniLM items/s at the batch cap vs served items/s with full-batch requests.
+Levers run (`--levers base pool0+fast ...`, one GPU): per replica count, the no-op ceilings
+(FastAPI and bare ASGI), then each variant of serving-path levers (LEVERS below), single-item
+requests, with batch sizes, queue waits and GPU utilisation sampled during the load (probe.py).
 
 Load comes from `hey` (app/bench/hey.py). Prints a table per part and writes fast_path.json under --out.
 """
@@ -62,17 +65,18 @@ def minilm_spec(max_batch: int, threads: int) -> dict[str, Any]:
     }
 
 
-def app_doc(name: str, models: list[dict], mode: str, access_log: bool = False) -> dict[str, Any]:
+def app_doc(name: str, models: list[dict], mode: str, access_log: bool = False, fast_routes: bool = True) -> dict[str, Any]:
+    ingress = {"mode": mode, "num_cpus": 1, "num_replicas": 1, "fast_routes": fast_routes}
     app: dict[str, Any] = {"name": name, "route_prefix": "/", "import_path": "deployments.builder:build_app",
-                           "args": {"models": models, "ingress": {"mode": mode, "num_cpus": 1, "num_replicas": 1}}}
+                           "args": {"models": models, "ingress": ingress}}
     if not access_log:
         app["logging_config"] = {"enable_access_log": False}
     return {"applications": [app]}
 
 
-def noop_doc(replicas: int) -> dict[str, Any]:
+def noop_doc(replicas: int, flavour: str = "fastapi") -> dict[str, Any]:
     return {"applications": [{"name": "noop", "route_prefix": "/", "import_path": "deployments.noop:build_noop",
-                              "args": {"num_replicas": replicas, "num_cpus": 1},
+                              "args": {"num_replicas": replicas, "num_cpus": 1, "flavour": flavour},
                               "logging_config": {"enable_access_log": False}}]}
 
 
@@ -199,6 +203,8 @@ class Served:
         name = doc["applications"][0]["name"]
         while time.monotonic() - t0 < timeout_s:
             app = serve.status().applications.get(name)
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"{name} failed to deploy: {app.message}")
             if app is not None and app.status == "RUNNING":
                 try:
                     if httpx.get(self.url + ready_path, timeout=5).status_code == 200:
@@ -208,12 +214,20 @@ class Served:
             time.sleep(0.5)
         raise TimeoutError(f"{doc['applications'][0]['name']} not ready after {timeout_s:.0f} s")
 
-    def load(self, path: str, body: bytes, concurrency: int, items: int) -> dict[str, Any]:
+    def load(self, path: str, body: bytes, concurrency: int, items: int, probe: bool = False) -> dict[str, Any]:
+        """`probe`: also sample batch sizes, queue waits and GPU utilisation during the run (app/bench/probe.py)."""
         from app.bench.hey import run_hey
+        from app.bench.probe import LoadProbe
 
         run_hey(self.url + path, body, min(concurrency, 32), 2.0, self.hey)  # warm-up
-        r = run_hey(self.url + path, body, concurrency, self.duration_s, self.hey)
-        return {**r.as_dict(), "items_per_request": items, "items_per_s": r.ok_per_s * items, "concurrency": concurrency}
+        if not probe:
+            r = run_hey(self.url + path, body, concurrency, self.duration_s, self.hey)
+            return {**r.as_dict(), "items_per_request": items, "items_per_s": r.ok_per_s * items,
+                    "concurrency": concurrency}
+        with LoadProbe(self.url + path, body) as p:
+            r = run_hey(self.url + path, body, concurrency, self.duration_s, self.hey)
+        return {**r.as_dict(), "items_per_request": items, "items_per_s": r.ok_per_s * items, "concurrency": concurrency,
+                "probe": p.summary()}
 
     def close(self) -> None:
         import ray
@@ -228,6 +242,11 @@ def _show(label: str, r: dict[str, Any]) -> None:
     print(f"  {label:<46} {r['ok_per_s']:>8.0f} req/s {r['items_per_s']:>8.0f} items/s  p50 {r['p50_ms']:>6.1f}  "
           f"p99 {r['p99_ms']:>6.1f} ms  c={r['concurrency']}{'  non-200 ' + str(bad) if bad else ''}"
           f"{'  errors ' + str(r['errors'][:2]) if r['errors'] else ''}", flush=True)
+    p = r.get("probe")
+    if p and p.get("probes"):
+        print(f"  {'':<46} batch {p.get('batch_size_median', 0):.0f} items, queue wait {p.get('queue_wait_ms_median', 0):.1f} ms, "
+              f"batch {p.get('batch_ms_median', 0):.1f} ms, GPU busy {p.get('gpu_util_percent_mean', float('nan')):.0f} % "
+              f"(medians of {p['probes']} probes)", flush=True)
 
 
 def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
@@ -366,6 +385,87 @@ def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[],
     print("\nscaling efficiency (N replicas / (N x 1 replica)):", json.dumps(eff, indent=1))
 
 
+# Serving-path levers for `--levers` (one GPU): name -> (model spec changes, replica env, ingress.fast_routes).
+# A variant on the command line joins levers with '+'; "base" is none of them (the configuration of
+# session 3's runs: the tokenizer's default pool, every route through FastAPI, Serve's defaults).
+LEVERS: dict[str, tuple[dict[str, Any], dict[str, str], Optional[bool]]] = {
+    "base": ({}, {}, None),
+    "pool0": ({"tokenizer_threads": 0}, {}, None),  # tokenise on the batch thread, no Rust pool
+    "fast": ({}, {}, True),  # the inference routes straight from ASGI (ingress.fast_routes)
+    "gil05": ({"gil_switch_interval_ms": 0.5}, {}, None),
+    "oneloop": ({}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, None),  # Serve's loop runs our code
+    "cb2": ({"max_concurrent_batches": 2}, {}, None),
+}
+
+
+def apply_levers(spec: dict[str, Any], variant: str) -> dict[str, Any]:
+    """A fused application of `spec` with the levers of `variant` ('pool0+fast') applied."""
+    spec = json.loads(json.dumps(spec))
+    env: dict[str, str] = {}
+    fast_routes = False
+    for name in variant.split("+"):
+        if name not in LEVERS:
+            raise SystemExit(f"--levers: unknown lever {name!r}; levers: {sorted(LEVERS)}")
+        changes, lever_env, lever_fast = LEVERS[name]
+        for key, value in changes.items():
+            section = "batching" if key == "max_concurrent_batches" else "deployment"
+            spec[section][key] = value
+        env.update(lever_env)
+        fast_routes = lever_fast if lever_fast is not None else fast_routes
+    doc = app_doc(spec["name"], [spec], "fused", fast_routes=fast_routes)
+    if env:
+        doc["applications"][0]["runtime_env"] = {"env_vars": env}
+    return doc
+
+
+def lever_doc(ns: argparse.Namespace, variant: str, replicas: int) -> dict[str, Any]:
+    return apply_levers(bert_spec(ns.tokenizer, ns.max_batch, ns.wait, replicas, 1 / replicas, True), variant)
+
+
+def levers_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
+    """One GPU: the no-op ceilings (FastAPI and bare ASGI), then each lever variant, single-item
+    requests with batch sizes, queue waits and GPU utilisation sampled (app/bench/probe.py)."""
+    from app.bench.hey import find_hey
+
+    hey = find_hey()
+    if hey is None:
+        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    served = Served(1, None, hey, ns.duration)
+    single, multi = v2_body([TEXT]), v2_body([TEXT] * 32)
+    path = "/v2/models/bert/infer"
+    results = out.setdefault("levers", [])
+
+    def row(label: str, body: bytes, conc: int, items: int, **extra: Any) -> dict[str, Any]:
+        r = served.load(path, body, conc, items, probe=True)
+        r.update(label=label, **extra)
+        results.append(r)
+        _show(label, r)
+        save()
+        return r
+
+    for n in ns.replicas:
+        for flavour in ("fastapi", "asgi"):
+            served.deploy(noop_doc(n, flavour), "/v2/health/ready")
+            row(f"no-op ({flavour}), {n} replicas", single, ns.concurrency, 1, replicas=n, variant=f"noop-{flavour}")
+        for variant in ns.levers:
+            took = served.deploy(lever_doc(ns, variant, n), "/v2/health/ready")
+            row(f"{variant}, {n} replicas", single, ns.concurrency, 1, replicas=n, variant=variant, deploy_s=took)
+            if ns.levers_multi:
+                row(f"{variant}, {n} replicas, 32-item", multi, ns.multi_concurrency, 32, replicas=n, variant=variant)
+    served.close()
+    verdict: dict[str, Any] = {}
+    for n in ns.replicas:
+        by = {r["variant"]: r for r in results if r["replicas"] == n and r["items_per_request"] == 1}
+        for variant in ns.levers:
+            v = by[variant]["ok_per_s"]
+            verdict[f"{variant}, {n} replicas"] = {
+                "req_per_s": v, "p99_ms": by[variant]["p99_ms"],
+                "vs_noop_fastapi": v / by["noop-fastapi"]["ok_per_s"], "vs_noop_asgi": v / by["noop-asgi"]["ok_per_s"],
+                "vs_base": v / by["base"]["ok_per_s"] if "base" in by else None}
+    out["verdict"] = verdict
+    print("\nverdict:", json.dumps(verdict, indent=1))
+
+
 def cpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
     from app.bench.hey import find_hey
 
@@ -430,6 +530,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--concurrent-batches", type=int, default=1, help="GPU run: max_concurrent_batches per replica")
     p.add_argument("--spin-compare", action="store_true",
                    help="GPU run: also each replica count with acceleration.blocking_sync off (CUDA's spin-wait)")
+    p.add_argument("--levers", nargs="+", default=None,
+                   help=f"GPU run: serving-path variants instead of the step table, levers joined by '+' "
+                        f"(e.g. base pool0 pool0+fast); levers: {', '.join(LEVERS)}")
+    p.add_argument("--levers-multi", action="store_true", help="levers run: also 32-item rows")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = p.parse_args(argv)
     if ns.max_batch is None:
@@ -442,11 +546,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     Path(ns.out).mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        name = "fast_path_cpu.json" if ns.cpu else "scaling.json" if ns.scaling else "fast_path.json"
+        name = ("fast_path_cpu.json" if ns.cpu else "scaling.json" if ns.scaling else
+                "levers.json" if ns.levers else "fast_path.json")
         (Path(ns.out) / name).write_text(json.dumps(out, indent=2))
 
     if ns.scaling:
         scaling_main(ns, out, save)
+    elif ns.levers:
+        levers_main(ns, out, save)
     else:
         (cpu_main if ns.cpu else gpu_main)(ns, out, save)
     return 0

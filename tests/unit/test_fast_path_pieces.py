@@ -1,4 +1,7 @@
-"""Pure pieces of the fast path: CUDA-graph bucket choice and the `hey` report parser."""
+"""Pure pieces of the fast path: CUDA-graph bucket choice, the `hey` report parser, the benchmarks' lever
+variants and profile reading, and the serving-path knobs' validation."""
+
+import argparse
 
 import pytest
 
@@ -84,7 +87,7 @@ def test_hey_small_sample_p99_falls_back_to_slowest():
 
 
 @pytest.mark.parametrize("argv", [["--cpu"], ["--scaling", "--gpus", "4", "--tokenizer", "t"],
-                                  ["--tokenizer", "t", "--skip-raw"]])
+                                  ["--tokenizer", "t", "--skip-raw"], ["--tokenizer", "t", "--levers", "base"]])
 def test_every_run_of_the_fast_path_benchmark_starts(argv, monkeypatch, tmp_path):
     """Each mode reaches its own runner (which first looks for `hey`), not a NameError."""
     import app.bench.fast_path as fast_path
@@ -94,3 +97,45 @@ def test_every_run_of_the_fast_path_benchmark_starts(argv, monkeypatch, tmp_path
     monkeypatch.setattr(fast_path, "raw_cpu", lambda *a, **k: pytest.fail("the CPU run must look for hey first"))
     with pytest.raises(SystemExit, match="hey not found"):
         fast_path.main([*argv, "--out", str(tmp_path)])
+
+
+def test_lever_variants_compose_into_one_config():
+    import app.bench.fast_path as fast_path
+
+    ns = argparse.Namespace(tokenizer="t", max_batch=64, wait=0.002)
+    base = fast_path.lever_doc(ns, "base", 8)["applications"][0]
+    assert base["args"]["ingress"]["fast_routes"] is False and "runtime_env" not in base
+    doc = fast_path.lever_doc(ns, "pool0+fast+oneloop+cb2", 8)["applications"][0]
+    spec = doc["args"]["models"][0]
+    assert spec["deployment"]["tokenizer_threads"] == 0 and spec["batching"]["max_concurrent_batches"] == 2
+    assert spec["deployment"]["num_gpus"] == 1 / 8
+    assert doc["args"]["ingress"]["fast_routes"] is True
+    assert doc["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    parse_app_args(doc["args"])  # a valid application config
+    with pytest.raises(SystemExit, match="unknown lever"):
+        fast_path.lever_doc(ns, "base+turbo", 8)
+
+
+def test_py_spy_profile_gives_gil_time_and_thread_names(tmp_path):
+    from app.bench.replica_cpu import label_threads, read_profile
+
+    raw = tmp_path / "p.txt"
+    raw.write_text("thread (11): AsyncIO Thread: default;run (a.py:1);f (b.py:2) 30\n"
+                   "thread (12): ThreadPoolExecutor-1_0;_worker (thread.py:83) 10\n"
+                   "thread (11): AsyncIO Thread: default;g (b.py:9) 10\n\n")
+    held_ms, names = read_profile(raw, rate_hz=100)
+    assert held_ms == 500.0  # 50 samples at 100 Hz
+    assert names == {11: "AsyncIO Thread: default", 12: "ThreadPoolExecutor-1_0"}
+    per_thread = label_threads({"ray::IDLE/11": 300.0, "ray::IDLE/12": 100.0, "worker.io/13": 5.0}, names)
+    assert per_thread == {"AsyncIO Thread: default": 300.0, "ThreadPoolExecutor-1_0": 100.0, "worker.io/13": 5.0}
+
+
+def test_serving_path_knobs_validated():
+    args = parse_app_args({"models": [_model(deployment={"tokenizer_threads": 0, "gil_switch_interval_ms": 0.5})],
+                           "ingress": {"fast_routes": False}})
+    assert args.models[0].deployment.tokenizer_threads == 0 and args.ingress.fast_routes is False
+    assert parse_app_args({"models": [_model()]}).ingress.fast_routes is True
+    with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
+        parse_app_args({"models": [_model(deployment={"gil_switch_interval_ms": 0})]})
+    with pytest.raises(ConfigError, match="tokenizer_threads"):
+        parse_app_args({"models": [_model(deployment={"tokenizer_threads": -1})]})
