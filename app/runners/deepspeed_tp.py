@@ -8,6 +8,8 @@ Every rank runs every batch (the all-reduces need all of them); only rank 0's ou
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import socket
 import time
@@ -104,12 +106,16 @@ class TensorParallelRunner(ModelRunner):
         self.dtype: str = "?"
         self._lost: Optional[str] = None  # why the gang broke, once it has
         self.rank_pids: list[int] = []
+        # Names of the shared-memory files DeepSpeed's CPU all-reduce gives this gang (one per
+        # rank, /dev/shm/<prefix>_<rank>, named as in its csrc/cpu/comm/shm.cpp).
+        self.shm_buffer_prefix: Optional[str] = None
 
     def start(self) -> None:
         world = self.plan.tp
         pg = get_current_placement_group()
         master_addr = ray.util.get_node_ip_address()
         master_port = _free_port()
+        self.shm_buffer_prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}"
         worker_cls = ray.remote(TPRankWorker)
         t0 = time.perf_counter()
         for rank in range(world):
@@ -156,6 +162,7 @@ class TensorParallelRunner(ModelRunner):
                 self._lost = f"tensor-parallel rank {refs.index(done[0])} failed: {type(e).__name__}"
                 for r in self.ranks:  # unblock the survivors; the health check now fails
                     ray.kill(r, no_restart=True)
+                self._remove_shm_buffers()
                 raise DeviceLost(self._lost) from None
         return ray.get(refs[0])
 
@@ -169,6 +176,18 @@ class TensorParallelRunner(ModelRunner):
         for r in self.ranks:
             ray.kill(r, no_restart=True)
         self.ranks = []
+        self._remove_shm_buffers()
+
+    def _remove_shm_buffers(self) -> None:
+        """Unlink the gang's all-reduce files: killed ranks never do, and each gang's files (~70 MB
+        per rank) would stay in /dev/shm until the host reboots (a day of chaos drills filled 18 GB
+        and got Ray's memory monitor killing the Serve controller). Ranks that still map one keep
+        their mapping; the gang runs on this replica's node (STRICT_PACK), so the files are here."""
+        if self.shm_buffer_prefix is None:
+            return
+        for path in glob.glob(f"/dev/shm/{self.shm_buffer_prefix}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def describe(self) -> dict[str, Any]:
         return {

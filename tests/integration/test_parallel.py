@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 
 import httpx
 import numpy as np
@@ -96,6 +97,7 @@ def test_tensor_parallel_dead_rank_fails_health_check(ray_cluster):
     runner.start()
     try:
         runner.check_health()
+        assert len(glob.glob(f"/dev/shm/{runner.shm_buffer_prefix}_*")) == 2  # one per rank (CPU all-reduce)
         ray.kill(runner.ranks[1])  # asynchronous: the rank dies a moment later
 
         def unhealthy() -> bool:
@@ -108,6 +110,8 @@ def test_tensor_parallel_dead_rank_fails_health_check(ray_cluster):
         wait_for_condition(unhealthy, timeout=30)
     finally:
         runner.shutdown()
+    # Killed ranks never unlink DeepSpeed's shared-memory all-reduce files; the runner does.
+    assert runner.shm_buffer_prefix and not glob.glob(f"/dev/shm/{runner.shm_buffer_prefix}_*")
 
 
 # ------------------------------------------------------------------------------ served over HTTP
