@@ -101,10 +101,12 @@ class _FastRoutes:
     """The inference routes answered straight from ASGI, ahead of FastAPI (`ingress.fast_routes`).
 
     FastAPI's per-request machinery (middleware layers, a scan of every route, dependency solving,
-    endpoint wrappers) costs a replica's one Python core about as much as a no-op request costs in
-    all (app/bench/replica_cpu.py measures it). Here the two inference routes skip it: the path is
-    matched once, and the very same route methods, limits and error mapping answer (FastAPI still
-    serves every other route, and documents these two in /openapi.json).
+    endpoint wrappers) costs a replica's one Python core about 250 us per request on the 2-core
+    machine, half of what a whole bare no-op request costs (app/bench/replica_cpu.py measures it);
+    serving the model's routes through it cost ~20 % of the replica's CPU. Here the two inference
+    routes skip it: the path is matched once, and the very same route methods, limits and error
+    mapping answer (FastAPI still serves every other route, and documents these two in
+    /openapi.json).
     """
 
     # (pattern, route path template, Ingress method): the patterns FastAPI compiles for the routes.
