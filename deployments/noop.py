@@ -3,8 +3,8 @@
 Used by the fast-path benchmarks (app/bench/fast_path.py, app/bench/replica_cpu.py): same Serve
 HTTP path, same request body read, no model. Served requests/s ÷ this = how much the model side
 costs. Two flavours: `fastapi` routes through a FastAPI app (as the model's other routes do);
-`asgi` is a bare ASGI callable (as the model's hot inference route is: deployments/fast_route.py),
-the leaner and so the stricter ceiling.
+`asgi` is a bare ASGI callable (as the model's inference routes are: `_FastRoutes` in
+deployments/ingress.py), the leaner and so the stricter ceiling.
 """
 
 from fastapi import FastAPI, Request

@@ -264,11 +264,9 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
     if ns.raw_only:
         return
 
-    from app.bench.hey import find_hey
+    from app.bench.hey import require_hey
 
-    hey = find_hey()
-    if hey is None:
-        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    hey = require_hey()
     served = Served(1, None, hey, ns.duration)
     cap, tok = ns.max_batch, ns.tokenizer
     single, multi = v2_body([TEXT]), v2_body([TEXT] * 32)
@@ -346,11 +344,9 @@ def summarize_gpu(out: dict[str, Any]) -> None:
 
 def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
     """Replica scaling on a multi-GPU host (issue #5): one fused replica per GPU, 1 vs all GPUs."""
-    from app.bench.hey import find_hey
+    from app.bench.hey import require_hey
 
-    hey = find_hey()
-    if hey is None:
-        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    hey = require_hey()
     served = Served(ns.gpus, None, hey, ns.duration)
     multi, single = v2_body([TEXT] * 32), v2_body([TEXT])
     results = out.setdefault("scaling", [])
@@ -425,11 +421,9 @@ def lever_doc(ns: argparse.Namespace, variant: str, replicas: int) -> dict[str, 
 def levers_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
     """One GPU: the no-op ceilings (FastAPI and bare ASGI), then each lever variant, single-item
     requests with batch sizes, queue waits and GPU utilisation sampled (app/bench/probe.py)."""
-    from app.bench.hey import find_hey
+    from app.bench.hey import require_hey
 
-    hey = find_hey()
-    if hey is None:
-        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    hey = require_hey()
     served = Served(1, None, hey, ns.duration)
     single, multi = v2_body([TEXT]), v2_body([TEXT] * 32)
     path = "/v2/models/bert/infer"
@@ -467,11 +461,9 @@ def levers_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], 
 
 
 def cpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
-    from app.bench.hey import find_hey
+    from app.bench.hey import require_hey
 
-    hey = find_hey()
-    if hey is None:
-        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    hey = require_hey()
     raws = {}
     for threads in ns.thread_counts:
         raw = raw_cpu(ns.max_batch, threads)

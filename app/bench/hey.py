@@ -24,6 +24,14 @@ def find_hey() -> Optional[str]:
     return None
 
 
+def require_hey() -> str:
+    """`find_hey()`, or exit with how to get it (every benchmark that drives load needs it)."""
+    hey = find_hey()
+    if hey is None:
+        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    return hey
+
+
 @dataclass
 class HeyReport:
     requests: int

@@ -25,6 +25,7 @@ class LoadProbe:
         self._rows: list[dict[str, float]] = []
         self._thread = threading.Thread(target=self._sample, name="load-probe", daemon=True)
         self._smi: Optional[subprocess.Popen] = None
+        self._smi_text = ""  # nvidia-smi's samples, read when the probe stops
 
     def __enter__(self) -> "LoadProbe":
         if shutil.which("nvidia-smi"):
@@ -37,6 +38,9 @@ class LoadProbe:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        if self._smi is not None:
+            self._smi.terminate()
+            self._smi_text, _ = self._smi.communicate(timeout=10)
 
     def _sample(self) -> None:
         with httpx.Client(timeout=10) as client:
@@ -53,16 +57,14 @@ class LoadProbe:
                                        "latency_ms": r.elapsed.total_seconds() * 1000.0})
 
     def summary(self) -> dict[str, Any]:
+        """Medians of what the answers carried, and the mean GPU utilisation; after the `with` block."""
         out: dict[str, Any] = {"probes": len(self._rows)}
         for key in ("batch_size", "queue_wait_ms", "batch_ms", "latency_ms"):
             values = [r[key] for r in self._rows]
             if values:
                 out[f"{key}_median"] = statistics.median(values)
-        if self._smi is not None:
-            self._smi.terminate()
-            text, _ = self._smi.communicate(timeout=10)
-            # One line per GPU per sample; the first GPU is the one the single-GPU runs use.
-            util = [float(line.split(",")[0]) for line in text.splitlines() if line.strip()[:1].isdigit()]
-            if util:
-                out["gpu_util_percent_mean"] = statistics.fmean(util)
+        # One line per GPU per sample; the first GPU is the one the single-GPU runs use.
+        util = [float(line.split(",")[0]) for line in self._smi_text.splitlines() if line.strip()[:1].isdigit()]
+        if util:
+            out["gpu_util_percent_mean"] = statistics.fmean(util)
         return out

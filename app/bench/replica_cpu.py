@@ -114,15 +114,16 @@ def measure(served: Served, pid: int, body: bytes, concurrency: int, py_spy: Opt
     from app.bench.hey import run_hey
     from app.bench.probe import LoadProbe
 
-    run_hey(served.url + "/v2/models/bert/infer", body, concurrency, 2.0, served.hey)  # warm-up
+    url = served.url + "/v2/models/bert/infer"
+    run_hey(url, body, concurrency, 2.0, served.hey)  # warm-up
     before = thread_cpu(pid)
     spy = None
     if py_spy is not None:
         spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--nonblocking", "--threads", "--format",
                                 "raw", "--gil", "--rate", str(SPY_RATE_HZ), "--duration", str(int(served.duration_s)),
                                 "--output", str(py_spy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with LoadProbe(served.url + "/v2/models/bert/infer", body) as probe:
-        r = run_hey(served.url + "/v2/models/bert/infer", body, concurrency, served.duration_s, served.hey)
+    with LoadProbe(url, body) as probe:
+        r = run_hey(url, body, concurrency, served.duration_s, served.hey)
     after = thread_cpu(pid)
     gil_ms, names = None, {}
     if spy is not None:
@@ -152,11 +153,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--py-spy", action="store_true", help="also record a py-spy profile of each replica (raw format)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = p.parse_args(argv)
-    from app.bench.hey import find_hey
+    from app.bench.hey import require_hey
 
-    hey = find_hey()
-    if hey is None:
-        raise SystemExit("hey not found: set HEY=/path/to/hey (Debian package `hey`)")
+    hey = require_hey()
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     served = Served(0, None, hey, ns.duration)
