@@ -10,11 +10,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from app.config import ModelSpec
+from app.errors import PayloadTooLarge
 from app.schemas import ModelInput
 
 
@@ -86,3 +88,28 @@ def max_batch_size_from_memory(free_bytes: int, per_sample_bytes: int, cap: int,
     if per_sample_bytes <= 0:
         return cap
     return max(1, min(cap, math.floor(free_bytes * headroom / per_sample_bytes)))
+
+
+def check_token_budget(inputs: ModelInput, spec: ModelSpec, encoder: Any) -> None:
+    """413 before batching for a request that needs more tokens than one batch may hold
+    (`limits.max_batch_tokens`).
+
+    A token covers at least one UTF-8 byte (WordPiece, BPE, SentencePiece), so bytes + a few
+    special tokens bound the count without tokenising; only a request over that bound is
+    tokenised (`encoder`: app/models/tokenize.py's TextEncoder) to decide exactly."""
+    budget = spec.limits.max_batch_tokens
+    if budget is None:
+        return
+    cap = spec.max_seq_len
+    if inputs.texts is not None:
+        bound = sum(min(cap, len(t.encode("utf-8", "surrogatepass")) + 4) for t in inputs.texts)
+    else:
+        bound = sum(min(cap, len(r)) for r in inputs.token_ids or [])
+    if bound <= budget:
+        return
+    tokens = sum(len(r) for r in encoder.encode([inputs]))
+    if tokens > budget:
+        raise PayloadTooLarge(
+            f"the request holds {tokens} tokens; model {spec.name!r} takes at most "
+            f"{budget} per batch (limits.max_batch_tokens): send fewer or shorter texts"
+        )

@@ -278,6 +278,19 @@ class ModelSpec(_Strict):
         return self.labels if self.labels is not None else [f"LABEL_{i}" for i in range(self.num_labels)]
 
 
+class GatherOptions(_Strict):
+    """Routed mode: each ingress replica merges the requests that arrive while its calls to a model
+    are in flight into one call, tokenised at the ingress (app/gather.py). The model server's one
+    process then sees few large calls of token ids instead of one call per request: the
+    front-end/engine split of Triton and vLLM (CPU replicas parse and tokenise, the GPU process batches)."""
+
+    # Items one merged call may hold (a single larger request still goes, alone).
+    max_items: int = Field(64, ge=1, le=4096)
+    # Calls to one model an ingress replica keeps in flight; requests arriving while all are out
+    # wait for the next (no timer: at light load a request leaves at once).
+    max_calls_in_flight: int = Field(2, ge=1, le=64)
+
+
 class IngressOptions(_Strict):
     """`routed`: one FastAPI ingress deployment calls one model-server deployment per model through
     Serve handles (many models, each scaled on its own). `fused`: the model server *is* the HTTP
@@ -293,6 +306,14 @@ class IngressOptions(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, ge=0.0)
     max_ongoing_requests: int = Field(1000, ge=1)
+    # None: one handle call per request (routed) or no hop at all (fused).
+    gather: Optional[GatherOptions] = None
+
+    @model_validator(mode="after")
+    def _gather_needs_routed(self) -> "IngressOptions":
+        if self.gather is not None and self.mode != "routed":
+            raise ValueError("gather merges the ingress's calls to model servers; it needs mode: routed (fused has no hop)")
+        return self
 
 
 class CostConfig(_Strict):

@@ -217,8 +217,8 @@ class ModelServerMetrics:
         for w in waits_ms:
             self.queue_wait.observe(w, tags=self._tags)
 
-    def request_served(self) -> None:
-        self.cost.served(1)
+    def request_served(self, requests: int = 1) -> None:
+        self.cost.served(requests)
 
     def batching(self, wait_s: float, max_batch_size: int) -> None:
         self.batch_wait.set(wait_s * 1000.0, tags=self._tags)

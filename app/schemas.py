@@ -24,6 +24,8 @@ class ModelInput:
 
     texts: Optional[list[str]] = None
     token_ids: Optional[list[list[int]]] = None
+    # Client requests these items came from: more than one when the ingress merged them (ingress.gather).
+    requests: int = 1
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else len(self.token_ids or [])
@@ -48,15 +50,19 @@ class InferenceResult:
     batch_ms: float = 0.0  # wall time of the batch run (tokenise + forward), max over chunks
     replica: str = ""  # which replica answered, and on which node (for debugging and scaling tests)
     node: str = ""
+    gathered: int = 0  # requests in the ingress's merged call that carried this one (0: not merged)
 
     def timing_headers(self) -> dict[str, str]:
-        return {
+        headers = {
             "X-Batch-Size": str(self.batch_size),
             "X-Queue-Wait-Ms": f"{self.queue_wait_ms:.2f}",
             "X-Batch-Ms": f"{self.batch_ms:.2f}",
             "X-Replica": self.replica,
             "X-Node": self.node,
         }
+        if self.gathered:
+            headers["X-Gathered"] = str(self.gathered)
+        return headers
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,22 +1,42 @@
-"""How the ingress reaches a model: through a Serve handle (routed) or in the same process (fused).
+"""How the ingress reaches a model: through a Serve handle (routed), through a handle with concurrent
+requests merged into one call (routed with `ingress.gather`), or in the same process (fused).
 
-Both answer the same three calls, so the HTTP routes do not care which mode the application runs in.
+All answer the same three calls, so the HTTP routes do not care which mode the application runs in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Protocol
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from app.batching import check_token_budget
+from app.config import GatherOptions, ModelSpec
+from app.errors import ModelFailure, Overloaded, ServingError
+from app.gather import RequestGatherer
 from app.schemas import InferenceResult, ModelInput
 
 logger = logging.getLogger("ray.serve")
 
 _READY_TIMEOUT_S = 2.0
+
+
+def as_serving_error(exc: BaseException) -> ServingError:
+    """Map what a model server call raised to a ServingError, keeping client errors as they were."""
+    if isinstance(exc, ServingError):
+        return exc
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, RayTaskError) and isinstance(cause, ServingError):
+        return cause
+    if isinstance(exc, BackPressureError):
+        return Overloaded("the model's queue is full; retry shortly")
+    logger.error("model call failed: %r", exc)
+    return ModelFailure(f"the model server failed: {type(exc).__name__}")
 
 
 class ModelClient(Protocol):
@@ -51,6 +71,35 @@ class HandleClient:
             return bool(await asyncio.wait_for(self.handle.ready.remote(), _READY_TIMEOUT_S))
         except Exception:  # noqa: BLE001 - any failure means not ready
             return False
+
+
+class GatheringClient(HandleClient):
+    """A handle whose calls carry every request that arrived while the previous calls were out,
+    tokenised here (app/gather.py): the ingress replicas are the front end, the model server the engine."""
+
+    def __init__(self, spec: ModelSpec, handle: DeploymentHandle, options: GatherOptions):
+        from app.models.loader import load_tokenizer
+        from app.models.tokenize import TextEncoder
+
+        super().__init__(spec.name, handle)
+        self.spec = spec
+        # An ingress replica holds a share of one core: tokenise on the calling thread rather than
+        # through the tokenizer's pool of one thread per host core (which spin between calls).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.encoder = TextEncoder(load_tokenizer(spec), spec.max_seq_len)
+        self.gatherer = RequestGatherer(self._call, self.encoder.encode, options.max_items,
+                                        options.max_calls_in_flight)
+
+    async def _call(self, inputs: ModelInput) -> InferenceResult:
+        try:
+            return await super().infer(inputs)
+        except Exception as e:  # noqa: BLE001 - mapped so the gatherer can tell whose fault it was
+            raise as_serving_error(e) from None
+
+    async def infer(self, inputs: ModelInput) -> InferenceResult:
+        # Checked per request here: the server cannot tell the merged requests apart.
+        check_token_budget(inputs, self.spec, self.encoder)
+        return await self.gatherer.infer(inputs)
 
 
 class LocalClient:

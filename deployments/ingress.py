@@ -15,8 +15,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppArgs, ModelSpec
@@ -24,7 +22,6 @@ from app.planner import ParallelPlan
 from app.metrics import IngressMetrics
 from app.errors import (
     InvalidInput,
-    ModelFailure,
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
@@ -43,7 +40,7 @@ from app.schemas import (
     v1_predictions,
     v2_model_metadata,
 )
-from deployments.clients import HandleClient, LocalClient, ModelClient
+from deployments.clients import GatheringClient, HandleClient, LocalClient, ModelClient, as_serving_error
 from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
@@ -155,25 +152,17 @@ async def _serving_error(_: Request, exc: ServingError) -> Response:
     return _json(exc.to_json(), exc.status_code, headers)
 
 
-def _unwrap(exc: BaseException) -> ServingError:
-    """Map what a model server call raised to a ServingError, keeping client errors as they were."""
-    if isinstance(exc, ServingError):
-        return exc
-    cause = getattr(exc, "cause", None)
-    if isinstance(exc, RayTaskError) and isinstance(cause, ServingError):
-        return cause
-    if isinstance(exc, BackPressureError):
-        return Overloaded("the model's queue is full; retry shortly")
-    logger.error("model call failed: %r", exc)
-    return ModelFailure(f"the model server failed: {type(exc).__name__}")
-
-
 @serve.ingress(api)
 class Ingress:
     """Routed mode: one handle per model-server deployment (`ingress.mode: routed`)."""
 
     def __init__(self, args: AppArgs, handles: dict[str, DeploymentHandle]):
-        self._setup(args, {name: HandleClient(name, h) for name, h in handles.items()})
+        gather = args.ingress.gather
+        if gather is None:
+            clients: dict[str, ModelClient] = {name: HandleClient(name, h) for name, h in handles.items()}
+        else:
+            clients = {name: GatheringClient(args.model(name), h, gather) for name, h in handles.items()}
+        self._setup(args, clients)
 
     def _setup(self, args: AppArgs, clients: dict[str, ModelClient]) -> None:
         self.specs: dict[str, ModelSpec] = {m.name: m for m in args.models}
@@ -206,7 +195,7 @@ class Ingress:
         try:
             return await self.clients[name].infer(inputs)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
-            raise _unwrap(e) from None
+            raise as_serving_error(e) from None
 
     async def _describe(self, name: str) -> dict[str, Any]:
         if name not in self._metadata:

@@ -30,6 +30,7 @@ from app.quantiles import percentile
 from app.adaptive import BatchingState, ControllerConfig, Window, step
 from app.batching import (
     BatchEntry,
+    check_token_budget,
     collate,
     count_items,
     max_batch_size_from_memory,
@@ -37,7 +38,7 @@ from app.batching import (
     token_budget_groups,
 )
 from app.config import BatchingConfig, CostConfig, ModelSpec
-from app.errors import InvalidInput, ModelFailure, PayloadTooLarge, ReplicaUnavailable, ServingError
+from app.errors import InvalidInput, ModelFailure, ReplicaUnavailable, ServingError
 from app.runners.base import DeviceLost
 from app.metrics import ModelServerMetrics
 from app.models.loader import build_config, check_vocab, load_tokenizer
@@ -201,7 +202,8 @@ class ModelServer:
                     raise InvalidInput(
                         f"input 'input_ids'[{i}] holds token id {bad}; model {self.spec.name!r} has {self.model_vocab}"
                     )
-        self._check_token_budget(inputs)
+        if inputs.requests == 1:  # merged requests were each checked at the ingress (app/gather.py)
+            check_token_budget(inputs, self.spec, self.encoder)
         if self._batching.adaptive and self._adapt_task is None:
             self._adapt_task = asyncio.get_running_loop().create_task(self._adapt_loop())
         arrived = time.perf_counter()
@@ -222,7 +224,7 @@ class ModelServer:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        self.metrics.request_served()
+        self.metrics.request_served(inputs.requests)
         done = time.perf_counter()
         self._window.request(done, (done - arrived) * 1000.0, len(inputs))
         return InferenceResult(
@@ -233,28 +235,6 @@ class ModelServer:
             replica=self._served_by[0],
             node=self._served_by[1],
         )
-
-    def _check_token_budget(self, inputs: ModelInput) -> None:
-        """413 before batching for a request that needs more tokens than one batch may hold.
-
-        A token covers at least one UTF-8 byte (WordPiece, BPE, SentencePiece), so bytes + a few
-        special tokens bound the count without tokenising; only a request over that bound is
-        tokenised to decide exactly."""
-        if self.batch_tokens is None:
-            return
-        cap = self.spec.max_seq_len
-        if inputs.texts is not None:
-            bound = sum(min(cap, len(t.encode("utf-8", "surrogatepass")) + 4) for t in inputs.texts)
-        else:
-            bound = sum(min(cap, len(r)) for r in inputs.token_ids or [])
-        if bound <= self.batch_tokens:
-            return
-        tokens = sum(len(r) for r in self.encoder.encode([inputs]))
-        if tokens > self.batch_tokens:
-            raise PayloadTooLarge(
-                f"the request holds {tokens} tokens; model {self.spec.name!r} takes at most "
-                f"{self.batch_tokens} per batch (limits.max_batch_tokens): send fewer or shorter texts"
-            )
 
     # ------------------------------------------------------------------ batching
 

@@ -381,34 +381,57 @@ def scaling_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[],
     print("\nscaling efficiency (N replicas / (N x 1 replica)):", json.dumps(eff, indent=1))
 
 
-# Serving-path levers for `--levers` (one GPU): name -> (model spec changes, replica env, ingress.fast_routes).
+# Serving-path levers for `--levers` (one GPU): name -> what it changes: "spec" (keys of the model's
+# deployment or batching block), "env" (the application's runtime_env), "ingress" (the ingress block).
 # A variant on the command line joins levers with '+'; "base" is none of them (the configuration of
 # session 3's runs: the tokenizer's default pool, every route through FastAPI, Serve's defaults).
-LEVERS: dict[str, tuple[dict[str, Any], dict[str, str], Optional[bool]]] = {
-    "base": ({}, {}, None),
-    "pool0": ({"tokenizer_threads": 0}, {}, None),  # tokenise on the batch thread, no Rust pool
-    "fast": ({}, {}, True),  # the inference routes straight from ASGI (ingress.fast_routes)
-    "gil05": ({"gil_switch_interval_ms": 0.5}, {}, None),
-    "oneloop": ({}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}, None),  # Serve's loop runs our code
-    "cb2": ({"max_concurrent_batches": 2}, {}, None),
+LEVERS: dict[str, dict[str, dict[str, Any]]] = {
+    "base": {},
+    "pool0": {"spec": {"tokenizer_threads": 0}},  # tokenise on the batch thread, no Rust pool
+    "fast": {"ingress": {"fast_routes": True}},  # the inference routes straight from ASGI
+    "gil05": {"spec": {"gil_switch_interval_ms": 0.5}},
+    "oneloop": {"env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},  # Serve's loop runs our code
+    "cb2": {"spec": {"max_concurrent_batches": 2}},
+    # The front-end/engine split: the N replicas become CPU-only ingress replicas that tokenise and
+    # gather requests (ingress.gather), calling one model server that holds the whole GPU.
+    "split": {"ingress": {"mode": "routed", "gather": {"max_items": 64, "max_calls_in_flight": 2}}},
+    "inflight1": {"ingress": {"gather": {"max_items": 64, "max_calls_in_flight": 1}}},  # with split
+    "engines2": {"spec": {"engines": 2}},  # with split: two model servers of half the GPU each
 }
+
+_BATCHING_KEYS = {"max_concurrent_batches", "max_batch_size", "batch_wait_timeout_s"}
 
 
 def apply_levers(spec: dict[str, Any], variant: str) -> dict[str, Any]:
-    """A fused application of `spec` with the levers of `variant` ('pool0+fast') applied."""
+    """The application of `spec` (fused, one replica per `num_replicas`) with the levers of
+    `variant` ('pool0+fast') applied."""
     spec = json.loads(json.dumps(spec))
     env: dict[str, str] = {}
-    fast_routes = False
-    for name in variant.split("+"):
+    ingress: dict[str, Any] = {"mode": "fused", "fast_routes": False}
+    engines = 1
+    # The split first, so the levers that tune it (inflight1) apply whatever their place in the name.
+    for name in sorted(variant.split("+"), key=lambda n: n != "split"):
         if name not in LEVERS:
             raise SystemExit(f"--levers: unknown lever {name!r}; levers: {sorted(LEVERS)}")
-        changes, lever_env, lever_fast = LEVERS[name]
-        for key, value in changes.items():
-            section = "batching" if key == "max_concurrent_batches" else "deployment"
-            spec[section][key] = value
-        env.update(lever_env)
-        fast_routes = lever_fast if lever_fast is not None else fast_routes
-    doc = app_doc(spec["name"], [spec], "fused", fast_routes=fast_routes)
+        lever = LEVERS[name]
+        for key, value in lever.get("spec", {}).items():
+            if key == "engines":
+                engines = value
+                continue
+            spec["batching" if key in _BATCHING_KEYS else "deployment"][key] = value
+        env.update(lever.get("env", {}))
+        for key, value in lever.get("ingress", {}).items():
+            ingress[key] = {**ingress.get(key, {}), **value} if isinstance(value, dict) else value
+    if ingress.get("gather") and ingress["mode"] != "routed":
+        raise SystemExit(f"--levers {variant}: inflight1 and engines2 go with split")
+    if ingress["mode"] == "routed":
+        # The fused replicas' count and CPUs go to the ingress; the model server(s) share the GPU.
+        d = spec["deployment"]
+        ingress.update(num_replicas=d["num_replicas"], num_cpus=d["num_cpus"],
+                       max_ongoing_requests=d["max_ongoing_requests"])
+        d.update(num_replicas=engines, num_gpus=1 / engines, num_cpus=2)
+    doc = app_doc(spec["name"], [spec], ingress["mode"])
+    doc["applications"][0]["args"]["ingress"] = ingress
     if env:
         doc["applications"][0]["runtime_env"] = {"env_vars": env}
     return doc
@@ -524,7 +547,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="GPU run: also each replica count with acceleration.blocking_sync off (CUDA's spin-wait)")
     p.add_argument("--levers", nargs="+", default=None,
                    help=f"GPU run: serving-path variants instead of the step table, levers joined by '+' "
-                        f"(e.g. base pool0 pool0+fast); levers: {', '.join(LEVERS)}")
+                        f"(e.g. base pool0 pool0+fast split+fast); levers: {', '.join(LEVERS)}")
     p.add_argument("--levers-multi", action="store_true", help="levers run: also 32-item rows")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = p.parse_args(argv)

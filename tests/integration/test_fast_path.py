@@ -98,3 +98,40 @@ def test_fast_routes_answer_exactly_as_fastapi_does(base_url):
                     assert a.json()["outputs"] == b.json()["outputs"], path
             # Both count the requests under the route's template (the metrics middleware sees both).
             assert c.get(f"{fast_url}/v2/health/ready").status_code == 200
+
+
+def test_gathered_calls_answer_as_one_call_per_request_does(base_url):
+    """`ingress.gather` (the front-end/engine split): concurrent requests leave the ingress as few
+    merged calls of token ids, yet each gets the answer the one-call-per-request path gives, and a
+    bad request among them fails alone with its own status."""
+    import concurrent.futures
+
+    # A slow batch keeps the first call out long enough for the others to gather behind it.
+    spec = {**_repo_model("bert-classifier"), "faults": {"batch_delay_s": 0.3}}
+    app = app_entry("gathered", [spec], ingress={"mode": "routed", "gather": {"max_items": 64,
+                                                                              "max_calls_in_flight": 1}})
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(24)]
+    bad_ids = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [101, 10**7]}]}
+    with extra_app(base_url, app) as url, httpx.Client(timeout=60) as c:
+        plain = c.post(f"{base_url}/v1/models/bert-classifier:predict", json={"instances": texts})
+        assert plain.status_code == 200, plain.text
+
+        def one(i: int) -> httpx.Response:
+            if i == len(texts):
+                return c.post(f"{url}/v2/models/bert-classifier/infer", json=bad_ids)
+            return c.post(f"{url}/v1/models/bert-classifier:predict", json={"instances": [texts[i]]})
+
+        with concurrent.futures.ThreadPoolExecutor(len(texts) + 1) as pool:
+            answers = list(pool.map(one, range(len(texts) + 1)))
+        bad = answers.pop()
+        assert bad.status_code == 400 and "token id 10000000" in bad.text
+        assert [a.status_code for a in answers] == [200] * len(texts), [a.text for a in answers if a.status_code != 200]
+        got = [a.json()["predictions"][0] for a in answers]
+        want = plain.json()["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        np.testing.assert_allclose([p["probabilities"] for p in got], [p["probabilities"] for p in want],
+                                   rtol=1e-4, atol=1e-5)
+        # They did share calls: requests left the ingress together, and ran in batches together.
+        assert max(int(a.headers["x-gathered"]) for a in answers) > 1
+        assert max(int(a.headers["x-batch-size"]) for a in answers) > 1
+        assert "x-gathered" not in plain.headers

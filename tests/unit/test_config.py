@@ -56,6 +56,15 @@ def test_duplicate_names_refused():
     assert "duplicate model name 'tiny'" in _error(raw)
 
 
+def test_gather_needs_routed_mode_and_sane_bounds():
+    fused = {"models": [tiny_bert_spec()], "ingress": {"mode": "fused", "gather": {}}}
+    assert "ingress" in _error(fused) and "needs mode: routed" in _error(fused)
+    bad = {"models": [tiny_bert_spec()], "ingress": {"gather": {"max_calls_in_flight": 0}}}
+    assert "ingress.gather.max_calls_in_flight" in _error(bad)
+    ok = parse_app_args({"models": [tiny_bert_spec()], "ingress": {"gather": {"max_items": 32}}})
+    assert ok.ingress.gather.max_items == 32 and ok.ingress.gather.max_calls_in_flight == 2
+
+
 def test_empty_models_refused():
     assert "models" in _error({"models": []})
 

@@ -114,6 +114,15 @@ def test_lever_variants_compose_into_one_config():
     parse_app_args(doc["args"])  # a valid application config
     with pytest.raises(SystemExit, match="unknown lever"):
         fast_path.lever_doc(ns, "base+turbo", 8)
+    # The split: the 8 replicas become CPU ingress replicas gathering for model servers on the GPU.
+    doc = fast_path.lever_doc(ns, "fast+inflight1+split+engines2", 8)["applications"][0]
+    ingress, spec = doc["args"]["ingress"], doc["args"]["models"][0]
+    assert ingress["mode"] == "routed" and ingress["num_replicas"] == 8 and ingress["fast_routes"] is True
+    assert ingress["gather"] == {"max_items": 64, "max_calls_in_flight": 1}
+    assert spec["deployment"]["num_replicas"] == 2 and spec["deployment"]["num_gpus"] == 0.5
+    parse_app_args(doc["args"])
+    with pytest.raises(SystemExit, match="go with split"):
+        fast_path.lever_doc(ns, "fast+inflight1", 8)
 
 
 def test_py_spy_profile_gives_gil_time_and_thread_names(tmp_path):
