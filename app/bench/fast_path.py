@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -441,6 +442,44 @@ def lever_doc(ns: argparse.Namespace, variant: str, replicas: int) -> dict[str, 
     return apply_levers(bert_spec(ns.tokenizer, ns.max_batch, ns.wait, replicas, 1 / replicas, True), variant)
 
 
+def _spy_start(ns: argparse.Namespace, label: str, variant: str) -> list[tuple[Any, ...]]:
+    """`--spy`: per-thread CPU of the model server (and of one ingress replica in a split) over the
+    warm-up and the run, and a py-spy profile of each (collapsed stacks, all threads) under --out."""
+    import subprocess
+
+    from app.bench.replica_cpu import replica_pid, thread_cpu
+
+    who = [("engine", "bert")] + ([("ingress", "Ingress")] if "split" in variant else [])
+    spied = []
+    for role, fragment in who:
+        pid = replica_pid(fragment)
+        name = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--nonblocking", "--threads", "--idle",
+                                "--format", "raw", "--rate", "100", "--duration", str(int(ns.duration + 2)),
+                                "--output", str(Path(ns.out) / f"spy_{name}_{role}.txt")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spied.append((role, pid, thread_cpu(pid), time.monotonic(), spy, Path(ns.out) / f"spy_{name}_{role}.txt"))
+    return spied
+
+
+def _spy_finish(spied: list[tuple[Any, ...]]) -> dict[str, dict[str, float]]:
+    """Each spied process's threads, busiest first: CPU seconds per wall second, named after the
+    Python thread where py-spy saw one."""
+    from app.bench.replica_cpu import label_threads, read_profile, thread_cpu
+
+    out = {}
+    for role, pid, before, t0, spy, profile in spied:
+        after, wall = thread_cpu(pid), time.monotonic() - t0
+        busy = {k: (after[k] - before.get(k, 0.0)) / wall for k in after}
+        try:
+            spy.wait(timeout=30)
+            busy = label_threads(busy, read_profile(profile)[1])
+        except Exception:  # noqa: BLE001 - a profile is a bonus, never a failure of the run
+            spy.kill()
+        out[role] = dict(sorted(((k, v) for k, v in busy.items() if v >= 0.01), key=lambda kv: -kv[1]))
+    return out
+
+
 def levers_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
     """One GPU: the no-op ceilings (FastAPI and bare ASGI), then each lever variant, single-item
     requests with batch sizes, queue waits and GPU utilisation sampled (app/bench/probe.py)."""
@@ -453,15 +492,21 @@ def levers_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], 
     results = out.setdefault("levers", [])
 
     def row(label: str, body: bytes, conc: int, items: int, **extra: Any) -> dict[str, Any]:
+        spied = _spy_start(ns, label, extra.get("variant", "")) if ns.spy else []
         r = served.load(path, body, conc, items, probe=True)
         r.update(label=label, **extra)
+        if spied:
+            r["threads"] = _spy_finish(spied)
+            for who, threads in r["threads"].items():
+                busy = "  ".join(f"{k} {v:.0%}" for k, v in list(threads.items())[:6])
+                print(f"    {who} threads busy: {busy}", flush=True)
         results.append(r)
         _show(label, r)
         save()
         return r
 
     for n in ns.replicas:
-        for flavour in ("fastapi", "asgi"):
+        for flavour in () if ns.skip_noop else ("fastapi", "asgi"):
             served.deploy(noop_doc(n, flavour), "/v2/health/ready")
             row(f"no-op ({flavour}), {n} replicas", single, ns.concurrency, 1, replicas=n, variant=f"noop-{flavour}")
         for variant in ns.levers:
@@ -477,7 +522,8 @@ def levers_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], 
             v = by[variant]["ok_per_s"]
             verdict[f"{variant}, {n} replicas"] = {
                 "req_per_s": v, "p99_ms": by[variant]["p99_ms"],
-                "vs_noop_fastapi": v / by["noop-fastapi"]["ok_per_s"], "vs_noop_asgi": v / by["noop-asgi"]["ok_per_s"],
+                "vs_noop_fastapi": v / by["noop-fastapi"]["ok_per_s"] if "noop-fastapi" in by else None,
+                "vs_noop_asgi": v / by["noop-asgi"]["ok_per_s"] if "noop-asgi" in by else None,
                 "vs_base": v / by["base"]["ok_per_s"] if "base" in by else None}
     out["verdict"] = verdict
     print("\nverdict:", json.dumps(verdict, indent=1))
@@ -549,6 +595,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help=f"GPU run: serving-path variants instead of the step table, levers joined by '+' "
                         f"(e.g. base pool0 pool0+fast split+fast); levers: {', '.join(LEVERS)}")
     p.add_argument("--levers-multi", action="store_true", help="levers run: also 32-item rows")
+    p.add_argument("--spy", action="store_true",
+                   help="levers run: per-thread CPU and a py-spy profile of the model server (and an ingress "
+                        "replica of a split) during each row (py-spy on PATH)")
+    p.add_argument("--skip-noop", action="store_true", help="levers run: no no-op rows")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     ns = p.parse_args(argv)
     if ns.max_batch is None:
