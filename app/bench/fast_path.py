@@ -125,6 +125,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
             ref = model(part_ids.cuda(), part_mask.cuda()).float().cpu()
             got = graphed(part_ids, part_mask)
             max_err = max(max_err, float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6)))
+        host_rows = host_to_host(graphed, batches)
         for b in compile_batches:
             compiled = torch.compile(model, dynamic=False)
             ids = torch.randint(1000, 30000, (b, SEQ), device="cuda")
@@ -136,7 +137,62 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
     runner.shutdown()
     torch.cuda.empty_cache()
     return {"matmul_peak_tflops": peak, "flops_per_seq": flops_per_seq, "graph_capture_s": capture_s,
-            "graph_vs_eager_max_rel_err": max_err, "rows": rows}
+            "graph_vs_eager_max_rel_err": max_err, "rows": rows, "host_to_host": host_rows}
+
+
+def _legacy_replay(graphed: Any, ids: Any, mask: Any) -> Any:
+    """The replay path before the pinned staging buffer (15 torch calls per batch), kept here only
+    to measure against the current one in the same run."""
+    from app.runners.cuda_graphs import to_host
+
+    b, s = ids.shape
+    g = graphed._graphs[graphed.bucket(b, s)]
+    g.ids.zero_()
+    g.mask.zero_()
+    g.mask[:, 0] = 1
+    g.ids[:b, :s].copy_(ids, non_blocking=True)
+    g.mask[:b, :s].copy_(mask, non_blocking=True)
+    g.graph.replay()
+    return to_host(g.out[:b], True)
+
+
+def host_to_host(graphed: Any, batches: list[int], reps: int = 50) -> list[dict[str, Any]]:
+    """A batch from CPU tensors to CPU outputs through the graphs, as the model server calls it:
+    the current path against the legacy one, on a quiet process and with another Python thread
+    busy (as a replica's event loop is under load; GIL switch interval 0.5 ms as served)."""
+    import sys
+    import threading
+
+    import torch
+
+    def busy(stop: threading.Event) -> None:
+        x = 0
+        while not stop.is_set():
+            for i in range(1000):
+                x += i
+
+    rows = []
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        for contended in (False, True):
+            stop = threading.Event()
+            hog = threading.Thread(target=busy, args=(stop,), daemon=True)
+            if contended:
+                hog.start()
+            for b in batches:
+                ids = torch.randint(1000, 30000, (b, SEQ - 3))
+                mask = torch.ones_like(ids)
+                for name, fn in (("current", lambda: graphed(ids, mask)), ("legacy", lambda: _legacy_replay(graphed, ids, mask))):
+                    fn()
+                    rows.append({"path": name, "batch": b, "busy_thread": contended,
+                                 "ms": median_wall_s(fn, reps) * 1000})
+            stop.set()
+            if contended:
+                hog.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    return rows
 
 
 def raw_cpu(max_batch: int, threads: int, reps: int = 20) -> dict[str, Any]:
@@ -261,6 +317,11 @@ def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], Non
         for r in raw["rows"]:
             print(f"{r['kind']:>11}{r['batch']:>6}{r['ms']:>9.3f}{r['seq_per_s']:>10.0f}{r['tflops']:>9.0f}"
                   f"{r['frac_peak']:>9.3f}")
+        print("graph replay host to host, ms (current / legacy path), quiet | with a busy Python thread")
+        by = {(r["path"], r["batch"], r["busy_thread"]): r["ms"] for r in raw["host_to_host"]}
+        for b in sorted({r["batch"] for r in raw["host_to_host"]}):
+            print(f"{b:>6}  {by[('current', b, False)]:7.3f} / {by[('legacy', b, False)]:7.3f}   |"
+                  f"  {by[('current', b, True)]:7.3f} / {by[('legacy', b, True)]:7.3f}")
         save()
     if ns.raw_only:
         return
