@@ -459,6 +459,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "split": {"ingress": {"mode": "routed", "gather": {"max_items": 64, "max_calls_in_flight": 2}}},
     "inflight1": {"ingress": {"gather": {"max_items": 64, "max_calls_in_flight": 1}}},  # with split
     "engines2": {"spec": {"engines": 2}},  # with split: two model servers of half the GPU each
+    "nogather": {"ingress": {"gather": None}},  # with split: one handle call per request, texts on the wire
 }
 
 _BATCHING_KEYS = {"max_concurrent_batches", "max_batch_size", "batch_wait_timeout_s"}
@@ -484,8 +485,8 @@ def apply_levers(spec: dict[str, Any], variant: str) -> dict[str, Any]:
         env.update(lever.get("env", {}))
         for key, value in lever.get("ingress", {}).items():
             ingress[key] = {**ingress.get(key, {}), **value} if isinstance(value, dict) else value
-    if ingress.get("gather") and ingress["mode"] != "routed":
-        raise SystemExit(f"--levers {variant}: inflight1 and engines2 go with split")
+    if ("gather" in ingress or engines != 1) and ingress["mode"] != "routed":
+        raise SystemExit(f"--levers {variant}: inflight1, engines2 and nogather go with split")
     if ingress["mode"] == "routed":
         # The fused replicas' count and CPUs go to the ingress; the model server(s) share the GPU.
         d = spec["deployment"]

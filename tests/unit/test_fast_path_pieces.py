@@ -123,6 +123,9 @@ def test_lever_variants_compose_into_one_config():
     parse_app_args(doc["args"])
     with pytest.raises(SystemExit, match="go with split"):
         fast_path.lever_doc(ns, "fast+inflight1", 8)
+    plain = fast_path.lever_doc(ns, "split+nogather", 8)["applications"][0]["args"]
+    assert plain["ingress"]["mode"] == "routed" and plain["ingress"]["gather"] is None
+    parse_app_args(plain)
 
 
 def test_py_spy_profile_gives_gil_time_and_thread_names(tmp_path):
