@@ -287,8 +287,9 @@ class GatherOptions(_Strict):
     # Items one merged call may hold (a single larger request still goes, alone).
     max_items: int = Field(64, ge=1, le=4096)
     # Calls to one model an ingress replica keeps in flight; requests arriving while all are out
-    # wait for the next (no timer: at light load a request leaves at once).
-    max_calls_in_flight: int = Field(2, ge=1, le=64)
+    # wait for the next (no timer: at light load a request leaves at once). 1 measured best with
+    # one model server on one H200 (3,487 req/s against 2,739 with 2; README "The fast path").
+    max_calls_in_flight: int = Field(1, ge=1, le=64)
 
 
 class IngressOptions(_Strict):

@@ -456,6 +456,7 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "cb2": {"spec": {"max_concurrent_batches": 2}},
     # The front-end/engine split: the N replicas become CPU-only ingress replicas that tokenise and
     # gather requests (ingress.gather), calling one model server that holds the whole GPU.
+    # The calls in flight are set explicitly: the runs in the README compare 2 (split) with 1 (inflight1).
     "split": {"ingress": {"mode": "routed", "gather": {"max_items": 64, "max_calls_in_flight": 2}}},
     "inflight1": {"ingress": {"gather": {"max_items": 64, "max_calls_in_flight": 1}}},  # with split
     "engines2": {"spec": {"engines": 2}},  # with split: two model servers of half the GPU each

@@ -62,7 +62,7 @@ def test_gather_needs_routed_mode_and_sane_bounds():
     bad = {"models": [tiny_bert_spec()], "ingress": {"gather": {"max_calls_in_flight": 0}}}
     assert "ingress.gather.max_calls_in_flight" in _error(bad)
     ok = parse_app_args({"models": [tiny_bert_spec()], "ingress": {"gather": {"max_items": 32}}})
-    assert ok.ingress.gather.max_items == 32 and ok.ingress.gather.max_calls_in_flight == 2
+    assert ok.ingress.gather.max_items == 32 and ok.ingress.gather.max_calls_in_flight == 1
 
 
 def test_empty_models_refused():
