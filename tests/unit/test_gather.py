@@ -60,20 +60,29 @@ def test_a_request_at_light_load_leaves_at_once_alone():
     assert r.outputs.tolist() == [[3.0]] and r.batch_size == 1
 
 
-def test_requests_arriving_while_a_call_is_out_leave_together_and_get_their_own_rows():
+def behind_a_call_in_flight(server: Server, later: list[ModelInput], max_items: int = 64):
+    """Send one text 'a' alone, then `later` while its call is out; then let the server answer.
+    Returns the calls the server had received before answering, and every request's result
+    (exceptions as values), 'a' first."""
+
     async def scenario():
-        server = Server()
-        g = RequestGatherer(server.call, encode, max_items=64, slots=1)
+        g = RequestGatherer(server.call, encode, max_items=max_items, slots=1)
         first = asyncio.create_task(g.infer(ModelInput(texts=["a"])))
         await settle()
-        later = [asyncio.create_task(g.infer(x)) for x in (
-            ModelInput(texts=["bb", "ccc"]), ModelInput(token_ids=[[7], [8], [9]]), ModelInput(texts=["dddd"]))]
+        rest = [asyncio.create_task(g.infer(x)) for x in later]
         await settle()
-        assert len(server.calls) == 1  # the others wait for the call in flight
+        calls_before_answer = len(server.calls)
         server.gate.set()
-        return server, await asyncio.gather(first, *later)
+        return calls_before_answer, await asyncio.gather(first, *rest, return_exceptions=True)
 
-    server, results = run(scenario())
+    return run(scenario())
+
+
+def test_requests_arriving_while_a_call_is_out_leave_together_and_get_their_own_rows():
+    server = Server()
+    calls_before_answer, results = behind_a_call_in_flight(server, [
+        ModelInput(texts=["bb", "ccc"]), ModelInput(token_ids=[[7], [8], [9]]), ModelInput(texts=["dddd"])])
+    assert calls_before_answer == 1  # the others wait for the call in flight
     assert [c.token_ids for c in server.calls] == [[[1]], [[2], [3], [7], [8], [9], [4]]]
     assert [c.requests for c in server.calls] == [1, 3]
     assert [r.outputs[:, 0].tolist() for r in results] == [[1.0], [2.0, 3.0], [7.0, 8.0, 9.0], [4.0]]
@@ -84,34 +93,16 @@ def test_requests_arriving_while_a_call_is_out_leave_together_and_get_their_own_
 
 
 def test_a_merged_call_is_capped_at_max_items():
-    async def scenario():
-        server = Server()
-        g = RequestGatherer(server.call, encode, max_items=3, slots=1)
-        first = asyncio.create_task(g.infer(ModelInput(texts=["a"])))
-        await settle()
-        later = [asyncio.create_task(g.infer(ModelInput(texts=["b" * i]))) for i in range(2, 7)]
-        await settle()
-        server.gate.set()
-        await asyncio.gather(first, *later)
-        return server
-
-    server = run(scenario())
+    server = Server()
+    _, results = behind_a_call_in_flight(server, [ModelInput(texts=["b" * i]) for i in range(2, 7)], max_items=3)
+    assert not any(isinstance(r, BaseException) for r in results)
     assert [len(c.token_ids) for c in server.calls] == [1, 3, 2]
 
 
 def test_a_bad_request_fails_alone_and_its_call_mates_are_answered():
-    async def scenario():
-        server = Server(bad_id=99)
-        g = RequestGatherer(server.call, encode, max_items=64, slots=1)
-        first = asyncio.create_task(g.infer(ModelInput(texts=["a"])))
-        await settle()
-        later = [asyncio.create_task(g.infer(x)) for x in (
-            ModelInput(texts=["bb"]), ModelInput(token_ids=[[99]]), ModelInput(texts=["ccc"]))]
-        await settle()
-        server.gate.set()
-        return server, await asyncio.gather(first, *later, return_exceptions=True)
-
-    server, results = run(scenario())
+    server = Server(bad_id=99)
+    _, results = behind_a_call_in_flight(server, [
+        ModelInput(texts=["bb"]), ModelInput(token_ids=[[99]]), ModelInput(texts=["ccc"])])
     assert isinstance(results[2], InvalidInput)
     assert [r.outputs[0, 0] for i, r in enumerate(results) if i != 2] == [1.0, 2.0, 3.0]
     # The merged call of three failed, then each of the three went alone.
@@ -119,17 +110,8 @@ def test_a_bad_request_fails_alone_and_its_call_mates_are_answered():
 
 
 def test_an_overloaded_server_fails_every_merged_request_without_retries():
-    async def scenario():
-        server = Server(overloaded=True)
-        g = RequestGatherer(server.call, encode, max_items=64, slots=1)
-        first = asyncio.create_task(g.infer(ModelInput(texts=["a"])))
-        await settle()
-        later = [asyncio.create_task(g.infer(ModelInput(texts=["bb"]))) for _ in range(3)]
-        await settle()
-        server.gate.set()
-        return server, await asyncio.gather(first, *later, return_exceptions=True)
-
-    server, results = run(scenario())
+    server = Server(overloaded=True)
+    _, results = behind_a_call_in_flight(server, [ModelInput(texts=["bb"]) for _ in range(3)])
     assert all(isinstance(r, Overloaded) for r in results)
     assert len(server.calls) == 2
 
