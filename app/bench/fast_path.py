@@ -508,20 +508,16 @@ def lever_doc(ns: argparse.Namespace, variant: str, replicas: int) -> dict[str, 
 def _spy_start(ns: argparse.Namespace, label: str, variant: str) -> list[tuple[Any, ...]]:
     """`--spy`: per-thread CPU of the model server (and of one ingress replica in a split) over the
     warm-up and the run, and a py-spy profile of each (collapsed stacks, all threads) under --out."""
-    import subprocess
-
-    from app.bench.replica_cpu import replica_pid, thread_cpu
+    from app.bench.replica_cpu import replica_pid, start_py_spy, thread_cpu
 
     who = [("engine", "bert")] + ([("ingress", "Ingress")] if "split" in variant else [])
+    name = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
     spied = []
     for role, fragment in who:
         pid = replica_pid(fragment)
-        name = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--nonblocking", "--threads", "--idle",
-                                "--format", "raw", "--rate", "100", "--duration", str(int(ns.duration + 2)),
-                                "--output", str(Path(ns.out) / f"spy_{name}_{role}.txt")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        spied.append((role, pid, thread_cpu(pid), time.monotonic(), spy, Path(ns.out) / f"spy_{name}_{role}.txt"))
+        profile = Path(ns.out) / f"spy_{name}_{role}.txt"
+        spy = start_py_spy(pid, profile, ns.duration + 2, rate_hz=100)
+        spied.append((role, pid, thread_cpu(pid), time.monotonic(), spy, profile))
     return spied
 
 

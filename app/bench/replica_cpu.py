@@ -84,6 +84,16 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return dict(out)
 
 
+def start_py_spy(pid: int, output: Path, duration_s: float, rate_hz: int = SPY_RATE_HZ,
+                 gil: bool = False) -> subprocess.Popen:
+    """`py-spy record` of `pid` in the background: raw collapsed stacks per thread, into `output`.
+    `gil`: only the thread holding the GIL is sampled; otherwise every thread, idle ones included."""
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--nonblocking", "--threads", "--format", "raw",
+         "--gil" if gil else "--idle", "--rate", str(rate_hz), "--duration", str(int(duration_s)),
+         "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 _SPY_THREAD = re.compile(r"^thread \((\d+)\): ([^;]+)")
 
 
@@ -119,9 +129,7 @@ def measure(served: Served, pid: int, body: bytes, concurrency: int, py_spy: Opt
     before = thread_cpu(pid)
     spy = None
     if py_spy is not None:
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--nonblocking", "--threads", "--format",
-                                "raw", "--gil", "--rate", str(SPY_RATE_HZ), "--duration", str(int(served.duration_s)),
-                                "--output", str(py_spy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = start_py_spy(pid, py_spy, served.duration_s, gil=True)
     with LoadProbe(url, body) as probe:
         r = run_hey(url, body, concurrency, served.duration_s, served.hey)
     after = thread_cpu(pid)

@@ -53,7 +53,6 @@ class _Graph:
     comes back into a pinned buffer: a replay is five CUDA calls from Python."""
 
     def __init__(self, batch: int, seq: int, device: torch.device, blocking: bool):
-        self.batch, self.seq = batch, seq
         self.inputs = torch.zeros(2, batch, seq, dtype=torch.long, device=device)
         self.ids, self.mask = self.inputs[0], self.inputs[1]  # what the graph reads
         self.staging = torch.zeros(2, batch, seq, dtype=torch.long).pin_memory()
