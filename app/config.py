@@ -290,6 +290,15 @@ class GatherOptions(_Strict):
     # wait for the next (no timer: at light load a request leaves at once). 1 measured best with
     # one model server on one H200 (3,487 req/s against 2,739 with 2; README "The fast path").
     max_calls_in_flight: int = Field(1, ge=1, le=64)
+    # How merged calls reach the model server. `handle`: Serve handle calls. `direct`: a TCP link
+    # to the model server's own port, read on its event loop straight into the batch queue,
+    # skipping Serve's per-call machinery; dialled through the handle, which also carries the
+    # calls while no link is up or when one drops (app/engine_link.py).
+    transport: Literal["handle", "direct"] = "handle"
+    # direct: links per model per ingress replica (calls go on the least busy), and how often each
+    # is redialled so that replicas added since get their share.
+    links: int = Field(2, ge=1, le=64)
+    relink_s: float = Field(30.0, gt=0, le=3600)
 
 
 class IngressOptions(_Strict):
@@ -351,6 +360,15 @@ class AppArgs(_Strict):
                     f"models[{i}].deployment.max_ongoing_requests: {max_ongoing} is below "
                     f"batching.max_batch_size x max_concurrent_batches = {m.min_ongoing_requests}; "
                     "batches could never fill"
+                )
+            gather = self.ingress.gather
+            if gather is not None and gather.transport == "direct" and m.autoscaling.enabled \
+                    and m.autoscaling.policy == "default":
+                # Serve's default policy counts handle calls; calls on the direct link are not among them.
+                raise ValueError(
+                    f"models[{i}].autoscaling.policy: 'default' counts Serve handle calls, which "
+                    "ingress.gather.transport 'direct' bypasses; use policy: queue_depth (the batch queue "
+                    "the model server reports) or transport: handle"
                 )
         return self
 

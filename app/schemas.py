@@ -51,6 +51,7 @@ class InferenceResult:
     replica: str = ""  # which replica answered, and on which node (for debugging and scaling tests)
     node: str = ""
     gathered: int = 0  # requests in the ingress's merged call that carried this one (0: not merged)
+    link: str = ""  # with gather.transport direct: how the call went, "direct" or "handle" (the fallback)
 
     def timing_headers(self) -> dict[str, str]:
         headers = {
@@ -62,6 +63,8 @@ class InferenceResult:
         }
         if self.gathered:
             headers["X-Gathered"] = str(self.gathered)
+        if self.link:
+            headers["X-Link"] = self.link
         return headers
 
 

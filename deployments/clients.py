@@ -1,5 +1,6 @@
-"""How the ingress reaches a model: through a Serve handle (routed), through a handle with concurrent
-requests merged into one call (routed with `ingress.gather`), or in the same process (fused).
+"""How the ingress reaches a model: through a Serve handle (routed), with concurrent requests merged
+into one call (routed with `ingress.gather`) sent through the handle or over a direct link to the
+model server (`gather.transport: direct`), or in the same process (fused).
 
 All answer the same three calls, so the HTTP routes do not care which mode the application runs in.
 """
@@ -17,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.batching import check_token_budget
 from app.config import GatherOptions, ModelSpec
+from app.engine_link import EngineLinks
 from app.errors import ModelFailure, Overloaded, ServingError
 from app.gather import RequestGatherer
 from app.schemas import InferenceResult, ModelInput
@@ -24,6 +26,7 @@ from app.schemas import InferenceResult, ModelInput
 logger = logging.getLogger("ray.serve")
 
 _READY_TIMEOUT_S = 2.0
+_ADDRESS_TIMEOUT_S = 10.0  # a model server still starting may be slow to answer; the handle carries calls meanwhile
 
 
 def as_serving_error(exc: BaseException) -> ServingError:
@@ -87,8 +90,15 @@ class GatheringClient(HandleClient):
         # through the tokenizer's pool of one thread per host core (which spin between calls).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.encoder = TextEncoder(load_tokenizer(spec), spec.max_seq_len)
-        self.gatherer = RequestGatherer(self._call, self.encoder.encode, options.max_items,
-                                        options.max_calls_in_flight)
+        self.links: EngineLinks | None = None
+        call = self._call
+        if options.transport == "direct":
+            self.links = EngineLinks(spec.name, self._engine_address, self._call, options.links, options.relink_s)
+            call = self.links.call
+        self.gatherer = RequestGatherer(call, self.encoder.encode, options.max_items, options.max_calls_in_flight)
+
+    async def _engine_address(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self.handle.engine_address.remote(), _ADDRESS_TIMEOUT_S)
 
     async def _call(self, inputs: ModelInput) -> InferenceResult:
         try:

@@ -38,6 +38,7 @@ from app.batching import (
     token_budget_groups,
 )
 from app.config import BatchingConfig, CostConfig, ModelSpec
+from app.engine_link import EngineListener
 from app.errors import InvalidInput, ModelFailure, ReplicaUnavailable, ServingError
 from app.runners.base import DeviceLost
 from app.metrics import ModelServerMetrics
@@ -104,6 +105,8 @@ class ModelServer:
         self._oom_cap: int | None = None  # set by a batch that ran out of device memory; applied on the loop
         # Padded tokens one batch may hold; None: no budget beyond the batch cap x max_seq_len.
         self.batch_tokens = spec.limits.max_batch_tokens
+        # Started on the first engine_address() call, on the loop that runs infer (ingress.gather direct).
+        self._listener = EngineListener(self.infer, spec.effective_max_ongoing_requests())
         ctx = ray.get_runtime_context()
         self._served_by = (serve.get_replica_context().replica_id.unique_id, ctx.get_node_id()[:12])
         self.metrics.batching(self._batching.batch_wait_timeout_s, self._batching.max_batch_size)
@@ -181,6 +184,13 @@ class ModelServer:
 
     async def ready(self) -> bool:
         return True
+
+    async def engine_address(self) -> dict[str, Any]:
+        """Where an ingress replica links to this replica directly (app/engine_link.py); the secret
+        travels only through the handle, inside the Ray cluster."""
+        port = await self._listener.start()
+        return {"host": ray.util.get_node_ip_address(), "port": port, "secret": self._listener.secret.hex(),
+                "engine": self._served_by[0]}
 
     async def describe(self) -> dict[str, Any]:
         return {

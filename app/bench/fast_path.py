@@ -461,6 +461,9 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "inflight1": {"ingress": {"gather": {"max_items": 64, "max_calls_in_flight": 1}}},  # with split
     "engines2": {"spec": {"engines": 2}},  # with split: two model servers of half the GPU each
     "nogather": {"ingress": {"gather": None}},  # with split: one handle call per request, texts on the wire
+    # With split: merged calls over a TCP link to the model server's own loop, not Serve handle calls.
+    "direct": {"ingress": {"gather": {"transport": "direct"}}},
+    "inflight4": {"ingress": {"gather": {"max_calls_in_flight": 4}}},  # with split
 }
 
 _BATCHING_KEYS = {"max_concurrent_batches", "max_batch_size", "batch_wait_timeout_s"}
@@ -487,13 +490,14 @@ def apply_levers(spec: dict[str, Any], variant: str) -> dict[str, Any]:
         for key, value in lever.get("ingress", {}).items():
             ingress[key] = {**ingress.get(key, {}), **value} if isinstance(value, dict) else value
     if ("gather" in ingress or engines != 1) and ingress["mode"] != "routed":
-        raise SystemExit(f"--levers {variant}: inflight1, engines2 and nogather go with split")
+        raise SystemExit(f"--levers {variant}: inflight1, inflight4, engines2, nogather and direct go with split")
     if ingress["mode"] == "routed":
         # The fused replicas' count and CPUs go to the ingress; the model server(s) share the GPU.
         d = spec["deployment"]
         ingress.update(num_replicas=d["num_replicas"], num_cpus=d["num_cpus"],
                        max_ongoing_requests=d["max_ongoing_requests"])
-        d.update(num_replicas=engines, num_gpus=1 / engines, num_cpus=2)
+        gpu = bool(d.get("num_gpus"))  # a CPU run (replica_cpu) keeps its CPU shares: 2 cores in all there
+        d.update(num_replicas=engines, num_gpus=1 / engines if gpu else 0, num_cpus=2 if gpu else d["num_cpus"])
     doc = app_doc(spec["name"], [spec], ingress["mode"])
     doc["applications"][0]["args"]["ingress"] = ingress
     if env:

@@ -100,16 +100,18 @@ def test_fast_routes_answer_exactly_as_fastapi_does(base_url):
             assert c.get(f"{fast_url}/v2/health/ready").status_code == 200
 
 
-def test_gathered_calls_answer_as_one_call_per_request_does(base_url):
+@pytest.mark.parametrize("transport", ["handle", "direct"])
+def test_gathered_calls_answer_as_one_call_per_request_does(base_url, transport):
     """`ingress.gather` (the front-end/engine split): concurrent requests leave the ingress as few
     merged calls of token ids, yet each gets the answer the one-call-per-request path gives, and a
-    bad request among them fails alone with its own status."""
+    bad request among them fails alone with its own status; through Serve handles or over the
+    direct link to the model server."""
     import concurrent.futures
 
     # A slow batch keeps the first call out long enough for the others to gather behind it.
     spec = {**_repo_model("bert-classifier"), "faults": {"batch_delay_s": 0.5}}
-    app = app_entry("gathered", [spec], ingress={"mode": "routed", "gather": {"max_items": 64,
-                                                                              "max_calls_in_flight": 1}})
+    gather = {"max_items": 64, "max_calls_in_flight": 1, "transport": transport}
+    app = app_entry(f"gathered{transport}", [spec], ingress={"mode": "routed", "gather": gather})
     texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(24)]
     bad_ids = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [101, 10**7]}]}
     with extra_app(base_url, app) as url, httpx.Client(timeout=60) as c:
@@ -135,6 +137,12 @@ def test_gathered_calls_answer_as_one_call_per_request_does(base_url):
                                    rtol=1e-4, atol=1e-5)
         assert max(int(a.headers["x-gathered"]) for a in answers) > 1
         assert max(int(a.headers["x-batch-size"]) for a in answers) > 1
+        if transport == "direct":
+            # The first call goes through the handle while the link is dialled; the rest go direct.
+            links = [a.headers["x-link"] for a in answers]
+            assert set(links) <= {"direct", "handle"} and "direct" in links, links
+        else:
+            assert all("x-link" not in a.headers for a in answers)
         # With a bad request among them: it fails alone (a merged call holding it is retried one
         # request per call), the others are answered as before.
         answers = concurrently(len(texts) + 1)

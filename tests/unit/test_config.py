@@ -63,6 +63,17 @@ def test_gather_needs_routed_mode_and_sane_bounds():
     assert "ingress.gather.max_calls_in_flight" in _error(bad)
     ok = parse_app_args({"models": [tiny_bert_spec()], "ingress": {"gather": {"max_items": 32}}})
     assert ok.ingress.gather.max_items == 32 and ok.ingress.gather.max_calls_in_flight == 1
+    assert ok.ingress.gather.transport == "handle"
+    assert "ingress.gather.transport" in _error({"models": [tiny_bert_spec()], "ingress": {"gather": {"transport": "zmq"}}})
+
+
+def test_direct_transport_refuses_an_autoscaler_that_cannot_see_its_calls():
+    def args(policy: str) -> dict:
+        spec = {**tiny_bert_spec(), "autoscaling": {"enabled": True, "policy": policy}}
+        return {"models": [spec], "ingress": {"gather": {"transport": "direct"}}}
+
+    assert "models[0].autoscaling.policy" in _error(args("default"))
+    assert parse_app_args(args("queue_depth")).ingress.gather.transport == "direct"
 
 
 def test_empty_models_refused():

@@ -123,6 +123,9 @@ def test_lever_variants_compose_into_one_config():
     parse_app_args(doc["args"])
     with pytest.raises(SystemExit, match="go with split"):
         fast_path.lever_doc(ns, "fast+inflight1", 8)
+    direct = fast_path.lever_doc(ns, "direct+split+inflight1", 8)["applications"][0]["args"]
+    assert direct["ingress"]["gather"] == {"max_items": 64, "max_calls_in_flight": 1, "transport": "direct"}
+    parse_app_args(direct)
     plain = fast_path.lever_doc(ns, "split+nogather", 8)["applications"][0]["args"]
     assert plain["ingress"]["mode"] == "routed" and plain["ingress"]["gather"] is None
     parse_app_args(plain)
