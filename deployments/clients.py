@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, Sequence
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -90,12 +91,19 @@ class GatheringClient(HandleClient):
         # through the tokenizer's pool of one thread per host core (which spin between calls).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.encoder = TextEncoder(load_tokenizer(spec), spec.max_seq_len)
+        self._tokenizing = (ThreadPoolExecutor(options.tokenizer_threads, thread_name_prefix=f"tokenize-{spec.name}")
+                            if options.tokenizer_threads else None)
         self.links: EngineLinks | None = None
         call = self._call
         if options.transport == "direct":
             self.links = EngineLinks(spec.name, self._engine_address, self._call, options.links, options.relink_s)
             call = self.links.call
-        self.gatherer = RequestGatherer(call, self.encoder.encode, options.max_items, options.max_calls_in_flight)
+        self.gatherer = RequestGatherer(call, self._encode, options.max_items, options.max_calls_in_flight)
+
+    async def _encode(self, inputs: Sequence[ModelInput]) -> list[list[int]]:
+        if self._tokenizing is None:
+            return self.encoder.encode(inputs)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.encoder.encode, inputs)
 
     async def _engine_address(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.handle.engine_address.remote(), _ADDRESS_TIMEOUT_S)

@@ -464,9 +464,14 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     # With split: merged calls over a TCP link to the model server's own loop, not Serve handle calls.
     "direct": {"ingress": {"gather": {"transport": "direct"}}},
     "inflight4": {"ingress": {"gather": {"max_calls_in_flight": 4}}},  # with split
+    "tok0": {"ingress": {"gather": {"tokenizer_threads": 0}}},  # with split: tokenise on the ingress's loop
+    "tok2": {"ingress": {"gather": {"tokenizer_threads": 2}}},  # with split
+    # CUDA graphs for powers of two only (the default before quarter-octave buckets).
+    "pow2": {"spec": {"batch_buckets": [1, 2, 4, 8, 16, 32, 64, 128]}},
 }
 
 _BATCHING_KEYS = {"max_concurrent_batches", "max_batch_size", "batch_wait_timeout_s"}
+_ACCELERATION_KEYS = {"batch_buckets"}
 
 
 def apply_levers(spec: dict[str, Any], variant: str) -> dict[str, Any]:
@@ -485,7 +490,9 @@ def apply_levers(spec: dict[str, Any], variant: str) -> dict[str, Any]:
             if key == "engines":
                 engines = value
                 continue
-            spec["batching" if key in _BATCHING_KEYS else "deployment"][key] = value
+            section = ("batching" if key in _BATCHING_KEYS else "acceleration" if key in _ACCELERATION_KEYS
+                       else "deployment")
+            spec[section][key] = value
         env.update(lever.get("env", {}))
         for key, value in lever.get("ingress", {}).items():
             ingress[key] = {**ingress.get(key, {}), **value} if isinstance(value, dict) else value

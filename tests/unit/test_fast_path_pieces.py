@@ -11,8 +11,10 @@ from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, defau
 
 
 def test_default_buckets():
-    assert default_batch_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert default_batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert default_batch_buckets(128) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128]
+    assert default_batch_buckets(48) == [1, 2, 4, 8, 16, 24, 32, 40, 48]
+    assert default_batch_buckets(256)[-5:] == [128, 160, 192, 224, 256]
+    assert default_batch_buckets(5) == [1, 2, 4, 5]
     assert default_batch_buckets(1) == [1]
     assert default_seq_buckets(128) == [32, 64, 96, 128]
     assert default_seq_buckets(100) == [32, 64, 96, 100]
@@ -123,6 +125,8 @@ def test_lever_variants_compose_into_one_config():
     parse_app_args(doc["args"])
     with pytest.raises(SystemExit, match="go with split"):
         fast_path.lever_doc(ns, "fast+inflight1", 8)
+    assert fast_path.lever_doc(ns, "pow2", 8)["applications"][0]["args"]["models"][0]["acceleration"][
+        "batch_buckets"] == [1, 2, 4, 8, 16, 32, 64, 128]
     direct = fast_path.lever_doc(ns, "direct+split+inflight1", 8)["applications"][0]["args"]
     assert direct["ingress"]["gather"] == {"max_items": 64, "max_calls_in_flight": 1, "transport": "direct"}
     parse_app_args(direct)
