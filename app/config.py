@@ -295,10 +295,6 @@ class GatherOptions(_Strict):
     # skipping Serve's per-call machinery; dialled through the handle, which also carries the
     # calls while no link is up or when one drops (app/engine_link.py).
     transport: Literal["handle", "direct"] = "handle"
-    # Threads that tokenise merged calls, so the event loop keeps answering HTTP meanwhile (the
-    # Rust tokenizer releases the GIL); 0: on the event loop. Tokenising took a third of a loop's
-    # time at ~850 req/s per ingress replica on the H200 host (README "The front-end/engine split").
-    tokenizer_threads: int = Field(1, ge=0, le=16)
     # direct: links per model per ingress replica (calls go on the least busy), and how often each
     # is redialled so that replicas added since get their share.
     links: int = Field(2, ge=1, le=64)

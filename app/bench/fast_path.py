@@ -464,8 +464,6 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     # With split: merged calls over a TCP link to the model server's own loop, not Serve handle calls.
     "direct": {"ingress": {"gather": {"transport": "direct"}}},
     "inflight4": {"ingress": {"gather": {"max_calls_in_flight": 4}}},  # with split
-    "tok0": {"ingress": {"gather": {"tokenizer_threads": 0}}},  # with split: tokenise on the ingress's loop
-    "tok2": {"ingress": {"gather": {"tokenizer_threads": 2}}},  # with split
     # CUDA graphs for powers of two only (the default before quarter-octave buckets).
     "pow2": {"spec": {"batch_buckets": [1, 2, 4, 8, 16, 32, 64, 128]}},
 }
