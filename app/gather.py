@@ -45,11 +45,10 @@ class RequestGatherer:
     """`infer(inputs)` as the model server would answer it, sharing calls with concurrent requests.
 
     `call` sends one ModelInput to the model server and raises ServingError on failure;
-    `encode` turns inputs into token id rows (texts tokenised, token ids passed through); it is
-    awaited, so the caller may tokenise off the event loop."""
+    `encode` turns inputs into token id rows (texts tokenised, token ids passed through)."""
 
     def __init__(self, call: Callable[[ModelInput], Awaitable[InferenceResult]],
-                 encode: Callable[[Sequence[ModelInput]], Awaitable[list[list[int]]]], max_items: int, slots: int):
+                 encode: Callable[[Sequence[ModelInput]], list[list[int]]], max_items: int, slots: int):
         self._call = call
         self._encode = encode
         self._coalescer: BatchCoalescer[_Waiting, InferenceResult | ServingError] = BatchCoalescer(
@@ -66,7 +65,7 @@ class RequestGatherer:
         sent = time.perf_counter()
         self.calls += 1
         try:
-            merged = ModelInput(token_ids=await self._encode([w.inputs for w in waiting]),
+            merged = ModelInput(token_ids=self._encode([w.inputs for w in waiting]),
                                 requests=sum(w.inputs.requests for w in waiting))
             result = await self._call(merged)
             return self._split(result, waiting, sent)

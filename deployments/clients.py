@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -95,10 +95,8 @@ class GatheringClient(HandleClient):
         if options.transport == "direct":
             self.links = EngineLinks(spec.name, self._engine_address, self._call, options.links, options.relink_s)
             call = self.links.call
-        self.gatherer = RequestGatherer(call, self._rows, options.max_items, options.max_calls_in_flight)
-
-    async def _rows(self, inputs: Sequence[ModelInput]) -> list[list[int]]:
-        return self.encoder.encode(inputs)  # token ids by now (infer tokenised them): a pass-through
+        # infer() tokenises each request, so encoding a merged call only passes its token ids through.
+        self.gatherer = RequestGatherer(call, self.encoder.encode, options.max_items, options.max_calls_in_flight)
 
     async def _engine_address(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.handle.engine_address.remote(), _ADDRESS_TIMEOUT_S)

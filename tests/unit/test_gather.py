@@ -11,7 +11,7 @@ from app.gather import RequestGatherer
 from app.schemas import InferenceResult, ModelInput
 
 
-async def encode(inputs):
+def encode(inputs):
     # A stand-in tokeniser: a text becomes [len(text)]; token ids pass through.
     rows = []
     for x in inputs:
