@@ -287,8 +287,10 @@ class GatherOptions(_Strict):
     # Items one merged call may hold (a single larger request still goes, alone).
     max_items: int = Field(64, ge=1, le=4096)
     # Calls to one model an ingress replica keeps in flight; requests arriving while all are out
-    # wait for the next (no timer: at light load a request leaves at once). 1 measured best with
-    # one model server on one H200 (3,487 req/s against 2,739 with 2; README "The fast path").
+    # wait for the next (no timer: at light load a request leaves at once). Unset: what measured
+    # best with one model server on one H200 (README "The front-end/engine split"): 1 through
+    # handles (3,487 req/s against 2,739 with 2), 2 over the direct link (6,544 against 5,827 with 1
+    # and 5,640 with 4).
     max_calls_in_flight: int = Field(1, ge=1, le=64)
     # How merged calls reach the model server. `handle`: Serve handle calls. `direct`: a TCP link
     # to the model server's own port, read on its event loop straight into the batch queue,
@@ -299,6 +301,13 @@ class GatherOptions(_Strict):
     # is redialled so that replicas added since get their share.
     links: int = Field(2, ge=1, le=64)
     relink_s: float = Field(30.0, gt=0, le=3600)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_in_flight_by_transport(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("max_calls_in_flight") is None:
+            raw = {**raw, "max_calls_in_flight": 2 if raw.get("transport") == "direct" else 1}
+        return raw
 
 
 class IngressOptions(_Strict):

@@ -1,6 +1,6 @@
 import pytest
 
-from app.config import ConfigError, parse_app_args
+from app.config import ConfigError, GatherOptions, parse_app_args
 from deployments.builder import build_app, model_deployment_options
 from tests.helpers import app_args, tiny_bert_spec
 
@@ -74,6 +74,16 @@ def test_direct_transport_refuses_an_autoscaler_that_cannot_see_its_calls():
 
     assert "models[0].autoscaling.policy" in _error(args("default"))
     assert parse_app_args(args("queue_depth")).ingress.gather.transport == "direct"
+
+
+def test_calls_in_flight_default_to_what_measured_best_for_the_transport():
+    def gather(**g) -> GatherOptions:
+        return parse_app_args({"models": [tiny_bert_spec()], "ingress": {"gather": g}}).ingress.gather
+
+    assert gather().max_calls_in_flight == 1
+    assert gather(transport="direct").max_calls_in_flight == 2
+    assert gather(transport="direct", max_calls_in_flight=1).max_calls_in_flight == 1
+    assert gather(transport="handle", max_calls_in_flight=3).max_calls_in_flight == 3
 
 
 def test_empty_models_refused():
