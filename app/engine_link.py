@@ -67,6 +67,7 @@ class EngineListener:
             if not wire.check_hello(await wire.read_frame(reader), self.secret):
                 logger.warning("engine link from %s refused: wrong hello", peer)
                 return
+            writer.write(wire.WELCOME)
             while True:
                 call_id, inputs = wire.decode_call(await wire.read_frame(reader))
                 task = asyncio.get_running_loop().create_task(self._answer(call_id, inputs, writer))
@@ -124,6 +125,15 @@ class EngineLink:
     async def open(cls, host: str, port: int, secret: bytes, engine: str) -> "EngineLink":
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _CONNECT_TIMEOUT_S)
         writer.write(wire.hello(secret))
+        try:
+            # Up only once the engine says so: a refused link is a failed dial (backed off), not a
+            # link that dies at once and is redialled on the next call.
+            welcome = await asyncio.wait_for(wire.read_frame(reader), _CONNECT_TIMEOUT_S)
+        except (asyncio.IncompleteReadError, ConnectionError, wire.WireError):
+            welcome = b""
+        if wire.frame(welcome) != wire.WELCOME:
+            writer.close()
+            raise LinkLost(f"engine {engine} refused the link")
         return cls(reader, writer, engine)
 
     @property

@@ -5,6 +5,7 @@ arrays with a small fixed header, never pickles: the engine's port is reachable 
 network, and decoding a frame must not be able to run code.
 
     hello   b"H" secret(16)                                        ingress -> engine, once per link
+    welcome b"W"                                                   engine -> ingress, the hello was right
     call    b"C" id:u64 requests:u32 rows:u32 lens:u32[rows] ids:i32[sum(lens)]
     answer  b"A" id:u64 meta_len:u32 meta:json outputs:bytes       (meta: shape, dtype, timings)
     error   b"E" id:u64 meta_len:u32 meta:json                     (meta: type, message)
@@ -67,6 +68,9 @@ def hello(secret: bytes) -> bytes:
 
 def check_hello(body: bytes, secret: bytes) -> bool:
     return len(body) == 1 + SECRET_BYTES and body[:1] == b"H" and body[1:] == secret
+
+
+WELCOME = frame(b"W")
 
 
 def encode_call(call_id: int, inputs: ModelInput) -> bytes:

@@ -116,11 +116,12 @@ def test_a_link_with_the_wrong_secret_is_refused_and_the_handle_answers():
         engine, handle = Engine(), Handle()
         wrong = bytes(16)
         pool = EngineLinks("m", lambda: engine.address(secret=wrong), handle.call, links=1, relink_s=60)
-        for _ in range(5):
+        for _ in range(10):
             r = await pool.call(ids([3]))
             assert r.link == "handle" and r.outputs.tolist() == [[-1.0]]
             await asyncio.sleep(0.05)
         assert engine.seen == [] and pool.direct_calls == 0
+        assert engine.dials <= 2  # a refusal is a failed dial, backed off; not a redial per call
 
     run(scenario())
 
