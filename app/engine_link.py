@@ -51,7 +51,6 @@ class EngineListener:
         self.secret = secrets.token_bytes(wire.SECRET_BYTES)
         self._starting: Optional[asyncio.Future] = None
         self._in_flight = 0
-        self.calls = 0  # calls answered over links (for tests and logs)
 
     async def start(self, host: str = "0.0.0.0") -> int:
         """Listen (once, however many callers ask) on the running loop; the port."""
@@ -67,7 +66,7 @@ class EngineListener:
             if not wire.check_hello(await wire.read_frame(reader), self.secret):
                 logger.warning("engine link from %s refused: wrong hello", peer)
                 return
-            writer.write(wire.WELCOME)
+            writer.write(wire.frame(wire.WELCOME))
             while True:
                 call_id, inputs = wire.decode_call(await wire.read_frame(reader))
                 task = asyncio.get_running_loop().create_task(self._answer(call_id, inputs, writer))
@@ -96,7 +95,6 @@ class EngineListener:
             data = wire.encode_error(call_id, ModelFailure(f"the model server failed: {type(e).__name__}"))
         finally:
             self._in_flight -= 1
-        self.calls += 1
         if not writer.is_closing():
             writer.write(data)
             try:
@@ -131,7 +129,7 @@ class EngineLink:
             welcome = await asyncio.wait_for(wire.read_frame(reader), _CONNECT_TIMEOUT_S)
         except (asyncio.IncompleteReadError, ConnectionError, wire.WireError):
             welcome = b""
-        if wire.frame(welcome) != wire.WELCOME:
+        if welcome != wire.WELCOME:
             writer.close()
             raise LinkLost(f"engine {engine} refused the link")
         return cls(reader, writer, engine)
@@ -214,8 +212,7 @@ class EngineLinks:
         self._dialling: Optional[asyncio.Task] = None
         self._backoff_s = 0.0
         self._next_dial = 0.0
-        self.direct_calls = 0
-        self.fallback_calls = 0
+        self.direct_calls = 0  # for tests: calls answered over a link
 
     async def call(self, inputs: ModelInput) -> InferenceResult:
         link = self._pick()
@@ -227,13 +224,7 @@ class EngineLinks:
             except LinkLost as e:
                 logger.warning("model %s: link to engine %s lost (%s); retrying through the handle",
                                self.name, link.engine, e)
-        self.fallback_calls += 1
         return replace(await self._fallback(inputs), link="handle")
-
-    def close(self) -> None:
-        for link in self._links:
-            link.retire()
-        self._links = []
 
     def _pick(self) -> Optional[EngineLink]:
         now = time.monotonic()

@@ -8,7 +8,7 @@ network, and decoding a frame must not be able to run code.
     welcome b"W"                                                   engine -> ingress, the hello was right
     call    b"C" id:u64 requests:u32 rows:u32 lens:u32[rows] ids:i32[sum(lens)]
     answer  b"A" id:u64 meta_len:u32 meta:json outputs:bytes       (meta: shape, dtype, timings)
-    error   b"E" id:u64 meta_len:u32 meta:json                     (meta: type, message)
+    error   b"E" id:u64 meta_len:u32 meta:json                     (meta: ServingError.to_json())
 
 Pure functions; unit-tested without sockets.
 """
@@ -22,15 +22,7 @@ from dataclasses import fields
 import numpy as np
 import orjson
 
-from app.errors import (
-    InvalidInput,
-    ModelFailure,
-    ModelNotFound,
-    Overloaded,
-    PayloadTooLarge,
-    ReplicaUnavailable,
-    ServingError,
-)
+from app.errors import ServingError
 from app.schemas import InferenceResult, ModelInput
 
 SECRET_BYTES = 16
@@ -40,10 +32,7 @@ MAX_FRAME_BYTES = 256 * 2**20
 _LEN = struct.Struct("<I")
 _CALL = struct.Struct("<cQII")
 _REPLY = struct.Struct("<cQI")
-_ERRORS: dict[str, type[ServingError]] = {
-    cls.error_type: cls
-    for cls in (ServingError, InvalidInput, ModelNotFound, PayloadTooLarge, Overloaded, ReplicaUnavailable, ModelFailure)
-}
+_ERRORS: dict[str, type[ServingError]] = {cls.error_type: cls for cls in (ServingError, *ServingError.__subclasses__())}
 
 
 class WireError(Exception):
@@ -70,7 +59,7 @@ def check_hello(body: bytes, secret: bytes) -> bool:
     return len(body) == 1 + SECRET_BYTES and body[:1] == b"H" and body[1:] == secret
 
 
-WELCOME = frame(b"W")
+WELCOME = b"W"
 
 
 def encode_call(call_id: int, inputs: ModelInput) -> bytes:
@@ -109,7 +98,7 @@ def encode_answer(call_id: int, result: InferenceResult) -> bytes:
 
 
 def encode_error(call_id: int, error: ServingError) -> bytes:
-    raw = orjson.dumps({"type": error.error_type, "message": error.message})
+    raw = orjson.dumps(error.to_json())
     return frame(_REPLY.pack(b"E", call_id, len(raw)) + raw)
 
 
@@ -119,7 +108,7 @@ def decode_reply(body: bytes) -> tuple[int, InferenceResult | ServingError]:
         kind, call_id, n = _REPLY.unpack_from(body)
         meta = orjson.loads(body[_REPLY.size:_REPLY.size + n])
         if kind == b"E":
-            return call_id, _ERRORS.get(meta["type"], ServingError)(meta["message"])
+            return call_id, _ERRORS.get(meta["type"], ServingError)(meta["error"])
         if kind != b"A":
             raise WireError(f"expected an answer frame, got kind {kind!r}")
         shape, dtype = meta.pop("shape"), meta.pop("dtype")

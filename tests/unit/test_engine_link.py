@@ -59,15 +59,29 @@ def ids(*rows):
     return ModelInput(token_ids=[list(r) for r in rows])
 
 
+async def until(condition, what: str) -> None:
+    """Wait (up to a second) for `condition()` to hold."""
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting: {what}")
+
+
 async def linked(engine, handle, links=1, relink_s=60.0) -> EngineLinks:
     """Links whose first dial has completed (the first call went through the fallback)."""
     pool = EngineLinks("m", engine.address, handle.call, links=links, relink_s=relink_s)
     await pool.call(ids([1]))
-    for _ in range(100):
-        if pool._links:
-            return pool
-        await asyncio.sleep(0.01)
-    raise AssertionError("no link came up")
+    await until(lambda: pool._links, "no link came up")
+    return pool
+
+
+async def held_at_the_engine(engine, pool, n):
+    """`n` calls sent while the engine holds its answers back (`engine.gate.set()` releases them)."""
+    engine.gate.clear()
+    calls = [asyncio.ensure_future(pool.call(ids([i]))) for i in range(n)]
+    await asyncio.sleep(0.1)
+    return calls
 
 
 def test_calls_go_over_the_link_once_it_is_up_and_answer_as_the_engine_does():
@@ -86,9 +100,7 @@ def test_calls_on_one_link_are_pipelined_and_matched_to_their_answers():
     async def scenario():
         engine, handle = Engine(), Handle()
         pool = await linked(engine, handle)
-        engine.gate.clear()
-        calls = [asyncio.ensure_future(pool.call(ids([i]))) for i in range(20)]
-        await asyncio.sleep(0.1)
+        calls = await held_at_the_engine(engine, pool, 20)
         assert len(engine.seen) == 20  # all out at once, none answered yet
         engine.gate.set()
         results = await asyncio.gather(*calls)
@@ -176,16 +188,10 @@ def test_links_are_redialled_after_relink_s_and_the_old_one_finishes_its_calls()
         await asyncio.sleep(0.3)
         engine.gate.set()
         await pool.call(ids([1]))  # past relink_s: a new dial starts
-        for _ in range(100):
-            if pool._links and pool._links[0] is not first:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: pool._links and pool._links[0] is not first, "no new link")
         assert pool._links[0] is not first and engine.dials == 2
         assert (await out).outputs.tolist() == [[5.0]]  # the retired link answered its call
-        for _ in range(100):
-            if not first.alive:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not first.alive, "the retired link stayed open")
         assert not first.alive
 
     run(scenario())
@@ -195,9 +201,7 @@ def test_the_engine_answers_overloaded_past_its_limit():
     async def scenario():
         engine, handle = Engine(limit=2), Handle()
         pool = await linked(engine, handle)
-        engine.gate.clear()
-        calls = [asyncio.ensure_future(pool.call(ids([i]))) for i in range(3)]
-        await asyncio.sleep(0.1)
+        calls = await held_at_the_engine(engine, pool, 3)
         engine.gate.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert [type(r) for r in results].count(Overloaded) == 1

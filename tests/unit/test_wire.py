@@ -48,7 +48,7 @@ def test_an_error_keeps_its_type_and_message(error):
 
 
 def test_an_unknown_error_type_is_a_500():
-    raw = b'{"type":"from_the_future","message":"m"}'
+    raw = b'{"type":"from_the_future","error":"m"}'
     got = wire.decode_reply(struct.pack("<cQI", b"E", 1, len(raw)) + raw)[1]
     assert type(got) is ServingError and got.status_code == 500
 
