@@ -63,9 +63,12 @@ def test_scrape_matches_known_traffic(metered_url, metrics_urls):
 
     def exported() -> bool:
         s = scrape(metrics_urls)
+        # The queue depth is a gauge the model server's sampler publishes each second, apart from
+        # the ingress's counters: wait for its drained value too rather than race the two exports.
         return (total(s, "ray_batchserve_requests_total", model=MODEL, outcome="ok") == GOOD
                 and total(s, "ray_batchserve_batch_size_count", model=MODEL) > 0
-                and total(s, "ray_batchserve_cost_per_1k_requests_usd", model=MODEL) > 0)
+                and total(s, "ray_batchserve_cost_per_1k_requests_usd", model=MODEL) > 0
+                and total(s, "ray_batchserve_queue_depth", model=MODEL) == 0)
 
     wait_for_condition(exported, timeout=90, retry_interval_ms=2000)
     s = scrape(metrics_urls)
