@@ -466,6 +466,8 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "inflight4": {"ingress": {"gather": {"max_calls_in_flight": 4}}},  # with split
     # CUDA graphs for powers of two only (the default before quarter-octave buckets).
     "pow2": {"spec": {"batch_buckets": [1, 2, 4, 8, 16, 32, 64, 128]}},
+    # Every text through the Rust pipeline of `tokenizers` (the default before the word cache).
+    "rusttok": {"spec": {"tokenizer_word_cache": 0}},
 }
 
 _BATCHING_KEYS = {"max_concurrent_batches", "max_batch_size", "batch_wait_timeout_s"}

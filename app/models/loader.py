@@ -67,7 +67,7 @@ def load_tokenizer(spec: ModelSpec):
 
     path = tokenizer_dir(spec)
     if (path / "tokenizer.json").exists():
-        return RustTokenizer(path)
+        return RustTokenizer(path, spec.deployment.tokenizer_word_cache)
     from transformers import AutoTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(path), use_fast=True))

@@ -24,12 +24,17 @@ def _token_text(value: Any) -> Optional[str]:
 
 
 class RustTokenizer:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, word_cache: int = 0):
+        """`word_cache` > 0: ASCII texts of a BERT-style tokenizer go through app/models/wordpiece.py
+        with a cache of that many words (same ids, several times cheaper); 0: all through Rust."""
         from tokenizers import Tokenizer
+
+        from app.models.wordpiece import AsciiWordPiece
 
         self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         self._tok.no_padding()
         self._tok.no_truncation()
+        self._fast = AsciiWordPiece.from_file(self._tok, str(path / "tokenizer.json"), word_cache)
         self._truncation: Optional[int] = None
         self._lock = threading.Lock()
         special: dict[str, Any] = {}
@@ -51,6 +56,16 @@ class RustTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode_ids(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
+        if self._fast is None:
+            return self._encode_rust(texts, max_len)
+        rows = [self._fast.encode(t, max_len) for t in texts]
+        rest = [i for i, r in enumerate(rows) if r is None]
+        if rest:
+            for i, ids in zip(rest, self._encode_rust([texts[i] for i in rest], max_len)):
+                rows[i] = ids
+        return rows  # type: ignore[return-value]
+
+    def _encode_rust(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
         with self._lock:  # truncation is tokenizer state; set it once per length
             if self._truncation != max_len:
                 self._tok.enable_truncation(max_len)
