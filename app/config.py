@@ -187,6 +187,10 @@ class AccelerationConfig(_Strict):
     # copy into pinned memory, instead of a synchronous copy, which spins a core for as long as the
     # GPU takes: with several replicas sharing one GPU each wait includes the others' kernels.
     blocking_sync: bool = True
+    # torch.compile each encoder block (and fuse BERT's query/key/value projections) before the
+    # graphs are captured: the blocks' bias, residual, LayerNorm and GELU kernels fuse
+    # (app/models/compiled.py). Costs seconds of compiling at start; needs Triton.
+    compile_layers: bool = False
 
     @field_validator("batch_buckets", "seq_buckets")
     @classmethod

@@ -88,17 +88,21 @@ def v2_body(texts: list[str]) -> bytes:
 # ---------------------------------------------------------------------------------------- raw model
 
 
-def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> dict[str, Any]:
+def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int], compile_layers: bool = False) -> dict[str, Any]:
     import torch
 
     from app.config import ModelSpec
     from app.runners.cuda_graphs import GraphedForward
     from app.runners.local import LocalRunner
 
-    spec = ModelSpec.model_validate(bert_spec(tokenizer, max(batches), 0.0, 1, 1, False))
-    runner = LocalRunner(spec, 30522)
+    doc = bert_spec(tokenizer, max(batches), 0.0, 1, 1, False)
+    doc["acceleration"]["compile_layers"] = compile_layers
+    runner = LocalRunner(ModelSpec.model_validate(doc), 30522)
+    t0 = time.perf_counter()
     runner.start()
+    start_s = time.perf_counter() - t0
     model = runner.model
+    suffix = "+layers" if compile_layers else ""
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     flops_per_seq = 2 * n_params * SEQ + 4 * BERT_BASE["num_hidden_layers"] * SEQ * SEQ * BERT_BASE["hidden_size"]
     peak = bf16_matmul_peak_tflops()
@@ -107,7 +111,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
 
     def row(kind: str, b: int, ms: float) -> dict[str, Any]:
         tflops = flops_per_seq * b / (ms / 1000) / 1e12
-        return {"kind": kind, "batch": b, "ms": ms, "seq_per_s": b / (ms / 1000), "tflops": tflops,
+        return {"kind": kind + suffix, "batch": b, "ms": ms, "seq_per_s": b / (ms / 1000), "tflops": tflops,
                 "frac_peak": tflops / peak}
 
     rows, max_err = [], 0.0
@@ -125,7 +129,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
             ref = model(part_ids.cuda(), part_mask.cuda()).float().cpu()
             got = graphed(part_ids, part_mask)
             max_err = max(max_err, float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6)))
-        host_rows = host_to_host(graphed, batches)
+        host_rows = [] if compile_layers else host_to_host(graphed, batches)
         for b in compile_batches:
             compiled = torch.compile(model, dynamic=False)
             ids = torch.randint(1000, 30000, (b, SEQ), device="cuda")
@@ -136,7 +140,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int]) -> d
                          "compile_s": time.perf_counter() - t0})
     runner.shutdown()
     torch.cuda.empty_cache()
-    return {"matmul_peak_tflops": peak, "flops_per_seq": flops_per_seq, "graph_capture_s": capture_s,
+    return {"matmul_peak_tflops": peak, "flops_per_seq": flops_per_seq, "start_s": start_s, "graph_capture_s": capture_s,
             "graph_vs_eager_max_rel_err": max_err, "rows": rows, "host_to_host": host_rows}
 
 
@@ -308,11 +312,18 @@ def _show(label: str, r: dict[str, Any]) -> None:
 
 def gpu_main(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]) -> None:
     if not ns.skip_raw:
-        raw = raw_gpu(ns.tokenizer, [1, 8, 32, 64, 128, 256, 512], ns.compile_batches)
+        batches = [1, 8, 32, 64, 128, 256, 512]
+        raw = raw_gpu(ns.tokenizer, batches, ns.compile_batches)
         out["raw"] = raw
         print(f"\nraw BERT-base bf16 seq {SEQ}: bf16 matmul peak {raw['matmul_peak_tflops']:.0f} TFLOP/s; "
               f"{len(raw['rows'])} rows; graphs captured in {raw['graph_capture_s']:.1f} s; "
               f"graph vs eager max rel err {raw['graph_vs_eager_max_rel_err']:.2e}")
+        if ns.compile_layers:
+            layered = raw_gpu(ns.tokenizer, batches, [], compile_layers=True)
+            raw["rows"] += layered["rows"]
+            raw["layers"] = {k: v for k, v in layered.items() if k not in ("rows", "host_to_host")}
+            print(f"compiled blocks (acceleration.compile_layers): start {layered['start_s']:.1f} s, graphs captured in "
+                  f"{layered['graph_capture_s']:.1f} s, graph vs eager max rel err {layered['graph_vs_eager_max_rel_err']:.2e}")
         print(f"{'kind':>11}{'batch':>6}{'ms':>9}{'seq/s':>10}{'TFLOP/s':>9}{'of peak':>9}")
         for r in raw["rows"]:
             print(f"{r['kind']:>11}{r['batch']:>6}{r['ms']:>9.3f}{r['seq_per_s']:>10.0f}{r['tflops']:>9.0f}"
@@ -468,10 +479,11 @@ LEVERS: dict[str, dict[str, dict[str, Any]]] = {
     "pow2": {"spec": {"batch_buckets": [1, 2, 4, 8, 16, 32, 64, 128]}},
     # Every text through the Rust pipeline of `tokenizers` (the default before the word cache).
     "rusttok": {"spec": {"tokenizer_word_cache": 0}},
+    "layers": {"spec": {"compile_layers": True}},  # encoder blocks compiled, BERT's qkv fused
 }
 
 _BATCHING_KEYS = {"max_concurrent_batches", "max_batch_size", "batch_wait_timeout_s"}
-_ACCELERATION_KEYS = {"batch_buckets"}
+_ACCELERATION_KEYS = {"batch_buckets", "compile_layers"}
 
 
 def apply_levers(spec: dict[str, Any], variant: str) -> dict[str, Any]:
@@ -655,6 +667,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--multi-concurrency", type=int, default=64, help="hey connections, 32-item rows")
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--compile-batches", type=int, nargs="*", default=[], help="also time torch.compile at these batches")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="GPU run: also the raw model with acceleration.compile_layers (eager+layers, cuda_graph+layers rows)")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--raw-only", action="store_true", help="GPU run: the raw model only")
     p.add_argument("--no-baseline", action="store_true", help="GPU run: skip the one-replica steps")

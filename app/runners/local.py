@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
 
 from app.config import ModelSpec
+from app.models.compiled import compile_blocks, fuse_qkv
 from app.models.loader import build_backbone, resolve_device, resolve_dtype, wrap_head
 from app.runners.base import ModelRunner
 from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, default_seq_buckets, to_host
@@ -29,9 +31,16 @@ class LocalRunner(ModelRunner):
 
     def start(self) -> None:
         self.model = wrap_head(self.spec, build_backbone(self.spec, self.vocab_size, self.device, self.dtype))
+        acc = self.spec.acceleration
+        if acc.compile_layers and self.device.type == "cuda":
+            t0 = time.perf_counter()
+            fused, compiled = fuse_qkv(self.model), compile_blocks(self.model)
+            probe = torch.ones(8, 32, dtype=torch.long)
+            self.infer(probe, torch.ones_like(probe))  # the first compile, before any graph is captured
+            logger.info("model %s: fused %d qkv projections, compiled %d blocks in %.1fs",
+                        self.spec.name, fused, compiled, time.perf_counter() - t0)
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
-        acc = self.spec.acceleration
         if acc.cuda_graphs and self.device.type == "cuda":
             self.graphs = GraphedForward(
                 self.model, self.device,

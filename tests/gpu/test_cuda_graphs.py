@@ -9,24 +9,27 @@ pytestmark = [pytest.mark.gpu,
 BERT_SMALL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024}
 
 
-def _runner(task: str, dtype: str, graphs: bool):
+def _runner(task: str, dtype: str, graphs: bool, compile_layers: bool = False):
     from app.config import ModelSpec
     from app.runners.local import LocalRunner
 
     spec = ModelSpec.model_validate({
         "name": "m", "task": task, "max_seq_len": 64, "dtype": dtype, "device": "cuda",
         "source": {"kind": "random_init", "architecture": "bert", "config": BERT_SMALL, "seed": 0},
-        "batching": {"max_batch_size": 16}, "acceleration": {"cuda_graphs": graphs},
+        "batching": {"max_batch_size": 16}, "acceleration": {"cuda_graphs": graphs, "compile_layers": compile_layers},
     })
     r = LocalRunner(spec, 30522)
     r.start()
     return r
 
 
-@pytest.mark.parametrize("task,dtype,tol", [("classify", "float32", 1e-4), ("embed", "float32", 1e-4),
-                                            ("classify", "bfloat16", 3e-2), ("embed", "bfloat16", 3e-2)])
-def test_graphed_outputs_equal_eager(task, dtype, tol):
-    eager, graphed = _runner(task, dtype, False), _runner(task, dtype, True)
+@pytest.mark.parametrize("task,dtype,tol,compile_layers", [
+    ("classify", "float32", 1e-4, False), ("embed", "float32", 1e-4, False),
+    ("classify", "bfloat16", 3e-2, False), ("embed", "bfloat16", 3e-2, False),
+    # Compiled blocks (fused kernels, fused qkv) under the graphs, against the plain eager model.
+    ("classify", "float32", 1e-3, True), ("classify", "bfloat16", 3e-2, True), ("embed", "bfloat16", 3e-2, True)])
+def test_graphed_outputs_equal_eager(task, dtype, tol, compile_layers):
+    eager, graphed = _runner(task, dtype, False), _runner(task, dtype, True, compile_layers)
     assert graphed.graphs is not None and len(graphed.graphs) > 0
     gen = torch.Generator().manual_seed(0)
     for b, s in [(1, 5), (3, 33), (16, 64), (7, 1), (17, 20), (2, 65)]:  # the last two miss every bucket: eager

@@ -130,6 +130,10 @@ def test_lever_variants_compose_into_one_config():
     direct = fast_path.lever_doc(ns, "direct+split+inflight1", 8)["applications"][0]["args"]
     assert direct["ingress"]["gather"] == {"max_items": 64, "max_calls_in_flight": 1, "transport": "direct"}
     parse_app_args(direct)
+    tuned = fast_path.lever_doc(ns, "layers+rusttok", 8)["applications"][0]["args"]
+    assert tuned["models"][0]["acceleration"]["compile_layers"] is True
+    assert tuned["models"][0]["deployment"]["tokenizer_word_cache"] == 0
+    parse_app_args(tuned)
     plain = fast_path.lever_doc(ns, "split+nogather", 8)["applications"][0]["args"]
     assert plain["ingress"]["mode"] == "routed" and plain["ingress"]["gather"] is None
     parse_app_args(plain)
