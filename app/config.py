@@ -89,8 +89,8 @@ class DeploymentOptions(_Strict):
     # threads that spin between batches: cheaper when batches hold few texts).
     tokenizer_threads: Optional[int] = Field(None, ge=0)
     # Words whose ids a replica keeps for BERT-style (WordPiece) tokenizers: ASCII texts are then
-    # tokenised in Python from this cache and the Rust model (app/models/wordpiece.py), ~6x cheaper
-    # per text than the Rust pipeline with the same ids. 0: every text through the Rust pipeline.
+    # tokenised in Python from this cache and the Rust model (app/models/wordpiece.py), 5-12x cheaper
+    # per text than the Rust pipeline (3-7x with a cold cache), same ids. 0: every text through Rust.
     tokenizer_word_cache: int = Field(65_536, ge=0)
     # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval;
     # Python's default 5 ms). A replica's event loops and its batch thread share one GIL: each

@@ -530,7 +530,7 @@ def lever_doc(ns: argparse.Namespace, variant: str, replicas: int) -> dict[str, 
 
 def _spy_start(ns: argparse.Namespace, label: str, variant: str) -> list[tuple[Any, ...]]:
     """`--spy`: per-thread CPU of the model server (and of one ingress replica in a split) over the
-    warm-up and the run, and a py-spy profile of each (collapsed stacks, all threads) under --out."""
+    warm-up and the run, and a py-spy profile of each (collapsed stacks of the thread holding the GIL) under --out."""
     from app.bench.replica_cpu import replica_pid, start_py_spy, thread_cpu
 
     who = [("engine", "bert")] + ([("ingress", "Ingress")] if "split" in variant else [])
@@ -539,7 +539,7 @@ def _spy_start(ns: argparse.Namespace, label: str, variant: str) -> list[tuple[A
     for role, fragment in who:
         pid = replica_pid(fragment)
         profile = Path(ns.out) / f"spy_{name}_{role}.txt"
-        spy = start_py_spy(pid, profile, ns.duration + 2, rate_hz=100)
+        spy = start_py_spy(pid, profile, ns.duration + 2, rate_hz=100, gil=True)
         spied.append((role, pid, thread_cpu(pid), time.monotonic(), spy, profile))
     return spied
 

@@ -37,7 +37,7 @@ def test_prometheus_and_dashboard_parse():
 def test_repo_configs_are_valid_serve_configs():
     from app.config import parse_app_args
 
-    for name in ("serve_config.yaml", "serve_config.parallel.yaml", "serve_config.fast.yaml"):
+    for name in ("serve_config.yaml", "serve_config.parallel.yaml", "serve_config.fast.yaml", "serve_config.split.yaml"):
         doc = yaml.safe_load((ROOT / name).read_text())
         ServeDeploySchema.model_validate(doc)
         for app in doc["applications"]:
