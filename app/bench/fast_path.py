@@ -668,7 +668,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--compile-batches", type=int, nargs="*", default=[], help="also time torch.compile at these batches")
     p.add_argument("--compile-layers", action="store_true",
-                   help="GPU run: also the raw model with acceleration.compile_layers (eager+layers, cuda_graph+layers rows)")
+                   help="GPU run (not --levers): also the raw model with acceleration.compile_layers "
+                        "(eager+layers, cuda_graph+layers rows)")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--raw-only", action="store_true", help="GPU run: the raw model only")
     p.add_argument("--no-baseline", action="store_true", help="GPU run: skip the one-replica steps")
