@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 import orjson
 
-from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms, median_wall_s
+from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms, encoder_flops_per_seq, median_wall_s
 
 SEQ = 128
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -103,8 +103,7 @@ def raw_gpu(tokenizer: str, batches: list[int], compile_batches: list[int], comp
     start_s = time.perf_counter() - t0
     model = runner.model
     suffix = "+layers" if compile_layers else ""
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
-    flops_per_seq = 2 * n_params * SEQ + 4 * BERT_BASE["num_hidden_layers"] * SEQ * SEQ * BERT_BASE["hidden_size"]
+    flops_per_seq = encoder_flops_per_seq(model, SEQ, BERT_BASE["num_hidden_layers"], BERT_BASE["hidden_size"])
     peak = bf16_matmul_peak_tflops()
     graphed = GraphedForward(model, runner.device, batches, [SEQ])
     capture_s = graphed.capture()

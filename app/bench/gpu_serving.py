@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms
+from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms, encoder_flops_per_seq
 
 SEQ = 128
 SMOKE = os.environ.get("GPU_SERVING_SMOKE") == "1"
@@ -65,8 +65,7 @@ def raw_model(tokenizer: str, batches: list[int]) -> dict[str, Any]:
     runner = LocalRunner(spec, 30522)
     runner.start()
     model = runner.model
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
-    flops_per_seq = 2 * n_params * SEQ + 4 * BERT_BASE["num_hidden_layers"] * SEQ * SEQ * BERT_BASE["hidden_size"]
+    flops_per_seq = encoder_flops_per_seq(model, SEQ, BERT_BASE["num_hidden_layers"], BERT_BASE["hidden_size"])
 
     peak = bf16_matmul_peak_tflops()
     rows = []

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from app.bench.fast_path import BERT_BASE, SEQ, bert_spec
-from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms
+from app.bench.timing import bf16_matmul_peak_tflops, cuda_median_ms, encoder_flops_per_seq
 from app.models.compiled import compile_blocks, fuse_qkv
 
 _KINDS = [("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma", re.I)),
@@ -65,8 +65,7 @@ def measure(tokenizer: str, batches: list[int], whole: bool) -> dict[str, Any]:
     runner = LocalRunner(spec, 30522)
     runner.start()
     base = runner.model
-    n_params = sum(p.numel() for n, p in base.named_parameters() if "embeddings" not in n)
-    flops_per_seq = 2 * n_params * SEQ + 4 * BERT_BASE["num_hidden_layers"] * SEQ * SEQ * BERT_BASE["hidden_size"]
+    flops_per_seq = encoder_flops_per_seq(base, SEQ, BERT_BASE["num_hidden_layers"], BERT_BASE["hidden_size"])
     peak = bf16_matmul_peak_tflops()
     inputs = {b: (torch.randint(1000, 30000, (b, SEQ), device="cuda"), torch.ones(b, SEQ, dtype=torch.long, device="cuda"))
               for b in batches}

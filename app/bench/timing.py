@@ -42,3 +42,11 @@ def bf16_matmul_peak_tflops(n: int = 8192) -> float:
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     return 2 * n**3 / (cuda_median_ms(lambda: x @ y, 20) / 1000) / 1e12  # x, y freed on return
+
+
+def encoder_flops_per_seq(model: Any, seq: int, layers: int, hidden: int) -> int:
+    """Forward FLOPs of one `seq`-token sequence through a BERT-style encoder: 2 per weight per token
+    (embeddings excluded: they are lookups) plus the attention scores and weighted sum
+    (4 x layers x seq^2 x hidden). The numerator of every fraction-of-peak figure."""
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    return 2 * n_params * seq + 4 * layers * seq * seq * hidden
