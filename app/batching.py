@@ -17,7 +17,7 @@ import torch
 
 from app.config import ModelSpec
 from app.errors import PayloadTooLarge
-from app.schemas import ModelInput
+from app.requests import ModelInput
 
 
 @dataclass

@@ -27,12 +27,15 @@ from typing import Any, Awaitable, Callable, Optional
 
 from app import wire
 from app.errors import ModelFailure, Overloaded, ServingError
-from app.schemas import InferenceResult, ModelInput
+from app.requests import InferenceResult, ModelInput
 
 logger = logging.getLogger("ray.serve")
 
 _CONNECT_TIMEOUT_S = 2.0
 _MAX_BACKOFF_S = 10.0
+# Links one engine accepts at once: ingress replicas x gather.links is a few dozen in any layout we
+# run; past this a connection is closed before its hello is read.
+MAX_LINKS = 256
 
 
 class LinkLost(Exception):
@@ -43,17 +46,27 @@ class LinkLost(Exception):
 
 
 class EngineListener:
-    """The model server's end: answers call frames with `infer`, as a handle call would be answered."""
+    """The model server's end: answers call frames with `infer`, as a handle call would be answered.
 
-    def __init__(self, infer: Callable[[ModelInput], Awaitable[InferenceResult]], max_calls_in_flight: int):
+    Reachable only inside the cluster network: it listens on the node's cluster address (never on
+    every interface), on an ephemeral port (cluster/ray-cluster.yaml says which to allow). A link is
+    answered only after a hello carrying the secret that the ingress got through the Serve handle
+    (compared in constant time, read with a frame limit of the hello's own size and a deadline), and
+    at most `max_links` links are open at once."""
+
+    def __init__(self, infer: Callable[[ModelInput], Awaitable[InferenceResult]], max_calls_in_flight: int,
+                 max_links: int = MAX_LINKS):
         self._infer = infer
         self._limit = max_calls_in_flight
+        self._max_links = max_links
         self.secret = secrets.token_bytes(wire.SECRET_BYTES)
         self._starting: Optional[asyncio.Future] = None
         self._in_flight = 0
+        self.links = 0
 
-    async def start(self, host: str = "0.0.0.0") -> int:
-        """Listen (once, however many callers ask) on the running loop; the port."""
+    async def start(self, host: str) -> int:
+        """Listen on `host` (the node's address; once, however many callers ask) on the running
+        loop; the port."""
         if self._starting is None:
             self._starting = asyncio.ensure_future(asyncio.start_server(self._serve, host, 0))
         server = await asyncio.shield(self._starting)
@@ -61,9 +74,15 @@ class EngineListener:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        if self.links >= self._max_links:
+            logger.warning("engine link from %s refused: %d links already open", peer, self.links)
+            writer.close()
+            return
+        self.links += 1
         answering: set[asyncio.Task] = set()
         try:
-            if not wire.check_hello(await wire.read_frame(reader), self.secret):
+            hello = await asyncio.wait_for(wire.read_frame(reader, wire.HELLO_BYTES), _CONNECT_TIMEOUT_S)
+            if not wire.check_hello(hello, self.secret):
                 logger.warning("engine link from %s refused: wrong hello", peer)
                 return
             writer.write(wire.frame(wire.WELCOME))
@@ -74,9 +93,12 @@ class EngineListener:
                 task.add_done_callback(answering.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the ingress went away or redialled
+        except asyncio.TimeoutError:
+            logger.warning("engine link from %s refused: no hello within %.0f s", peer, _CONNECT_TIMEOUT_S)
         except wire.WireError as e:
             logger.warning("engine link from %s dropped: %s", peer, e)
         finally:
+            self.links -= 1
             for task in answering:  # nobody is left to read their answers
                 task.cancel()
             writer.close()

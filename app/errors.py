@@ -30,6 +30,23 @@ class PayloadTooLarge(ServingError):
     error_type = "payload_too_large"
 
 
+class RequestTimeout(ServingError):
+    """The client did not send its request (its body) in time."""
+
+    status_code = 408
+    error_type = "request_timeout"
+
+
+class RouteNotFound(ServingError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class MethodNotAllowed(ServingError):
+    status_code = 405
+    error_type = "method_not_allowed"
+
+
 class Overloaded(ServingError):
     status_code = 503
     error_type = "overloaded"
@@ -45,3 +62,10 @@ class ReplicaUnavailable(ServingError):
 class ModelFailure(ServingError):
     status_code = 500
     error_type = "model_failure"
+
+
+class GenerationTimeout(ServingError):
+    """A generation ran past its model's generation.request_timeout_s."""
+
+    status_code = 504
+    error_type = "timeout"

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Sequence
 
-from app.coalesce import BatchCoalescer
+from app.engine.coalesce import BatchCoalescer
 from app.errors import ModelFailure, Overloaded, ReplicaUnavailable, ServingError
-from app.schemas import InferenceResult, ModelInput
+from app.requests import InferenceResult, ModelInput
 
 # The model server's answer to a merged call is the server's state, not any one request's.
 _SERVER_SIDE = (Overloaded, ReplicaUnavailable)

@@ -27,10 +27,17 @@ BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
 def outcome_of(status: int) -> str:
+    """What happened to a request, by its status: served, shed (429/503: over capacity or a replica
+    being replaced, retry later), timed out (408/504), cancelled by its client (499: it went away
+    first), refused as the client's mistake (other 4xx), or failed on our side (other 5xx)."""
     if status < 400:
         return "ok"
     if status in (429, 503):
-        return "rejected"
+        return "shed"
+    if status in (408, 504):
+        return "timeout"
+    if status == 499:
+        return "client_cancel"
     return "client_error" if status < 500 else "server_error"
 
 
@@ -239,6 +246,10 @@ class ModelServerMetrics:
             if per_1k is not None:
                 self.cost_per_1k.set(per_1k, tags=self._tags)
             self._sample_gpus()
+            self._sample_more()
+
+    def _sample_more(self) -> None:
+        """Gauges a subclass samples beside these (GenerationMetrics)."""
 
     def _sample_gpus(self) -> None:
         if not self._gpus:
@@ -256,3 +267,60 @@ class ModelServerMetrics:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+TOKEN_LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 30, 50, 75, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+
+
+class GenerationMetrics(ModelServerMetrics):
+    """A generator replica: what ModelServerMetrics has, plus time to first token, time per output
+    token, token counters, running and waiting sequences, KV cache use, and cost per 1M generated
+    tokens. `stats` is the engine's `stats()` (app/engine/generation.py), sampled each period."""
+
+    def __init__(self, spec: ModelSpec, plan: ParallelPlan, cost: CostConfig, gpu_ids: list[str],
+                 stats: Callable[[], object], sample_period_s: float = 1.0):
+        tags = ("model", "strategy")
+        self._stats = stats
+        self.ttft = serve_metrics.Histogram(
+            PREFIX + "time_to_first_token_ms", description="Arrival at the replica to the first generated token (ms).",
+            boundaries=TOKEN_LATENCY_BUCKETS_MS, tag_keys=tags)
+        self.itl = serve_metrics.Histogram(
+            PREFIX + "time_per_output_token_ms", description="Time between a sequence's tokens (inter-token latency, ms).",
+            boundaries=TOKEN_LATENCY_BUCKETS_MS, tag_keys=tags)
+        self.prompt_tokens = serve_metrics.Counter(
+            PREFIX + "prompt_tokens", description="Prompt tokens admitted.", tag_keys=tags)
+        self.generated_tokens = serve_metrics.Counter(
+            PREFIX + "generated_tokens", description="Tokens generated.", tag_keys=tags)
+        self.running = serve_metrics.Gauge(
+            PREFIX + "running_sequences", description="Sequences in the running batch.", tag_keys=tags)
+        self.waiting = serve_metrics.Gauge(
+            PREFIX + "waiting_sequences", description="Sequences admitted to the replica, waiting for a place in the batch.",
+            tag_keys=tags)
+        self.kv_used = serve_metrics.Gauge(
+            PREFIX + "kv_cache_used_fraction", description="Share of the KV cache held by sequences.", tag_keys=tags)
+        self.cost_per_1m_tokens = serve_metrics.Gauge(
+            PREFIX + "cost_per_1m_generated_tokens_usd",
+            description="Device cost per 1M generated tokens over a sliding window (USD).", tag_keys=tags)
+        self.token_cost = CostWindow(replica_hourly_cost_usd(spec, plan, cost), cost.window_s)
+        super().__init__(spec, plan, cost, gpu_ids, sample_period_s)
+
+    def sequence_started(self, prompt_tokens: int, ttft_ms: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens, tags=self._tags)
+        self.ttft.observe(ttft_ms, tags=self._tags)
+
+    def tokens(self, n: int, since_last_ms: Optional[float]) -> None:
+        self.generated_tokens.inc(n, tags=self._tags)
+        self.token_cost.served(n)
+        if since_last_ms is not None:
+            # An event may carry several tokens (a step that produced more than one): each token's share.
+            for _ in range(n):
+                self.itl.observe(since_last_ms / n, tags=self._tags)
+
+    def _sample_more(self) -> None:
+        st = self._stats()
+        self.running.set(st.running, tags=self._tags)
+        self.waiting.set(st.waiting, tags=self._tags)
+        self.kv_used.set(st.kv_used_fraction, tags=self._tags)
+        per_1k = self.token_cost.per_1k_requests()
+        if per_1k is not None:
+            self.cost_per_1m_tokens.set(per_1k * 1000.0, tags=self._tags)

@@ -61,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
                 plan = plan_model(spec, len(load_tokenizer(spec)))
             except PlanError as e:
                 failures += 1
-                rows.append((spec.name, "REFUSED", "-", "-", "-", "-", "-", "-", str(e)))
+                rows.append((spec.name, "REFUSED", "-", "-", "-", "-", "-", "-", "-", str(e)))
                 continue
             rows.append((
                 spec.name, plan.strategy, str(plan.tp), str(plan.pp), str(plan.chunks),
                 f"{plan.param_bytes / 2**30:.3f}", f"{plan.activation_bytes_per_sample / 2**20:.2f}",
-                str(plan.max_batch_size), plan.explain() if ns.explain else plan.reasons[-2] if len(plan.reasons) > 1 else "",
+                str(plan.max_batch_size), "-" if plan.kv_cache_tokens is None else str(plan.kv_cache_tokens),
+                plan.explain() if ns.explain else plan.reasons[-1] if plan.kv_cache_tokens is not None
+                else plan.reasons[-2] if len(plan.reasons) > 1 else "",
             ))
-    header = ("model", "strategy", "tp", "pp", "chunks", "params GiB", "act MiB/sample", "max batch", "why")
+    header = ("model", "strategy", "tp", "pp", "chunks", "params GiB", "act MiB/sample", "max batch", "KV tokens", "why")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])

@@ -11,7 +11,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
+from app.models.anatomy import UnsupportedArchitecture, layer_modules
 from app.config import ModelSpec, ParallelConfig
+from app.kv_cache import kv_budget, kv_bytes_per_token
 
 GiB = 2**30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -37,10 +39,12 @@ class Footprint:
     # Bytes of the pipeline units in order: [embeddings, layer 0 .. layer n-1, final norm + head].
     unit_bytes: tuple[int, ...]
     activation_bytes_per_sample: int
+    kv_bytes_per_token: int  # what a generator's KV cache holds per token (app/kv_cache.py)
 
     @property
     def param_bytes(self) -> int:
         return sum(self.unit_bytes)
+
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class ParallelPlan:
     activation_bytes_per_sample: int
     usable_bytes_per_device: int
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    # Generators: KV cache tokens the planner expects after the weights (the replica measures the
+    # real figure at start: free memory x kv_cache_memory_fraction, under kv_cache_max_tokens).
+    kv_cache_tokens: Optional[int] = None
 
     def explain(self) -> str:
         return "; ".join(self.reasons)
@@ -76,30 +83,6 @@ def _gb(n: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # Footprint from a transformers config, on the meta device
 # ----------------------------------------------------------------------------------------------
-
-
-def layer_modules(model: Any) -> tuple[Any, Any, Sequence[Any], list[Any]]:
-    """(base model, embeddings, transformer layers, modules after the layers) of a supported model.
-
-    Shared by the planner (sizes) and the pipeline runner (stages), so both cut the model alike.
-    """
-    base = getattr(model, model.base_model_prefix, model)
-    arch = model.config.model_type
-    if arch == "bert":
-        return base, base.embeddings, base.encoder.layer, [m for m in (base.pooler,) if m is not None] + _heads(model, base)
-    if arch == "llama":
-        return base, base.embed_tokens, base.layers, [base.norm, base.rotary_emb] + _heads(model, base)
-    if arch == "opt":
-        dec = base.decoder
-        after = [m for m in (dec.final_layer_norm, dec.project_out) if m is not None]
-        return base, dec.embed_tokens, dec.layers, after + _heads(model, base)
-    raise PlanError(f"architecture {arch!r} is not supported for planning (bert, llama, opt)")
-
-
-def _heads(model: Any, base: Any) -> list[Any]:
-    if model is base:
-        return []
-    return [m for name, m in model.named_children() if m is not base]
 
 
 def _params_bytes(modules: Sequence[Any], dtype_bytes: int, seen: set[int]) -> int:
@@ -133,7 +116,10 @@ def footprint(spec: ModelSpec, config: Any) -> Footprint:
     dtype_bytes = _DTYPE_BYTES.get(dtype, 2)  # auto on GPU serves bf16
     with torch.device("meta"):
         model = auto_model_class(spec).from_config(config)
-    _, embeddings, layers, after = layer_modules(model)
+    try:
+        _, embeddings, layers, after = layer_modules(model)
+    except UnsupportedArchitecture as e:
+        raise PlanError(str(e)) from None
     seen: set[int] = set()
     units = [_params_bytes([embeddings], dtype_bytes, seen)]
     units += [_params_bytes([layer], dtype_bytes, seen) for layer in layers]
@@ -152,6 +138,7 @@ def footprint(spec: ModelSpec, config: Any) -> Footprint:
         intermediate_size=inter,
         unit_bytes=tuple(units),
         activation_bytes_per_sample=activation_bytes_per_sample(spec.max_seq_len, hidden, inter, heads, dtype_bytes),
+        kv_bytes_per_token=kv_bytes_per_token(config, dtype_bytes),
     )
 
 
@@ -243,6 +230,8 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
     reasons = [sizes]
 
     def replicated(why: str) -> ParallelPlan:
+        if spec.task == "generate":
+            return generator(why)
         mem = _batch_cap(usable - fp.param_bytes, act)
         mb = min(cap, mem)
         if mb < par.min_batch_size:
@@ -252,6 +241,25 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
             )
         return ParallelPlan("replicated", 1, 1, 1, None, 1, mb, mem, fp.param_bytes, fp.param_bytes, act, int(usable),
                             tuple(reasons + [why, f"max_batch_size {mb} = min(cap {cap}, floor(free x 0.8 / per-sample))"]))
+
+    def generator(why: str) -> ParallelPlan:
+        g = spec.generation
+        run = g.max_running_sequences
+        budget = kv_budget(int(max(0.0, usable - fp.param_bytes)), fp.kv_bytes_per_token, g.kv_cache_memory_fraction,
+                           g.kv_cache_max_tokens)
+        kv_tokens = budget.tokens
+        cap_note = f" (capped by kv_cache_max_tokens {g.kv_cache_max_tokens})" if budget.capped_by else ""
+        if kv_tokens < spec.max_seq_len:
+            raise PlanError(
+                f"{spec.name}: after {_gb(fp.param_bytes)} of parameters, {_gb(max(0.0, usable - fp.param_bytes))} "
+                f"leaves a KV cache of {kv_tokens} tokens ({fp.kv_bytes_per_token} bytes each), under one "
+                f"full-length sequence ({spec.max_seq_len}); generation across devices is not built yet")
+        full = kv_tokens // spec.max_seq_len
+        kv = (f"KV cache {kv_tokens} tokens = floor(free x {g.kv_cache_memory_fraction:g} / "
+              f"{fp.kv_bytes_per_token} B per token){cap_note}: {full} full-length sequences at once, "
+              f"{run} decoded per step")
+        return ParallelPlan("replicated", 1, 1, 1, None, 1, run, run, fp.param_bytes, fp.param_bytes, act, int(usable),
+                            tuple(reasons + [why, kv]), kv_cache_tokens=kv_tokens)
 
     def tensor_parallel(t: int, why: str) -> ParallelPlan:
         if not _tp_ok(fp, t):
@@ -302,6 +310,8 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         return pipeline(p, f"strategy forced to fairscale_pp (pp={p})")
 
     # ---------------- auto
+    if spec.task == "generate":  # TP and PP do not generate yet: a generator needs one device
+        return replicated(f"a generator runs on one device per replica ({_gb(fp.param_bytes)} of parameters)")
     if need_one <= usable:
         return replicated(f"fits one device ({_gb(need_one)} <= {_gb(usable)}): one copy per replica, replicas scale out")
     deep_narrow = fp.num_layers >= par.pipeline_min_layers and fp.hidden_size <= par.pipeline_max_hidden

@@ -16,6 +16,7 @@ Pure functions; unit-tested without sockets.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import struct
 from dataclasses import fields
 
@@ -23,7 +24,7 @@ import numpy as np
 import orjson
 
 from app.errors import ServingError
-from app.schemas import InferenceResult, ModelInput
+from app.requests import InferenceResult, ModelInput
 
 SECRET_BYTES = 16
 # Far above any legal call (max_items x max_seq_len int32 ids); a larger length means a broken peer.
@@ -43,11 +44,15 @@ def frame(body: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    """The next frame's body; IncompleteReadError at a clean end of stream."""
+HELLO_BYTES = 1 + SECRET_BYTES
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """The next frame's body, refused before it is read if it announces more than `max_bytes`;
+    IncompleteReadError at a clean end of stream."""
     (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-    if n > MAX_FRAME_BYTES:
-        raise WireError(f"frame of {n} bytes announced (at most {MAX_FRAME_BYTES})")
+    if n > max_bytes:
+        raise WireError(f"frame of {n} bytes announced (at most {max_bytes})")
     return await reader.readexactly(n)
 
 
@@ -56,7 +61,8 @@ def hello(secret: bytes) -> bytes:
 
 
 def check_hello(body: bytes, secret: bytes) -> bool:
-    return len(body) == 1 + SECRET_BYTES and body[:1] == b"H" and body[1:] == secret
+    # Constant time: how long a wrong secret takes to refuse must not tell how much of it was right.
+    return len(body) == HELLO_BYTES and body[:1] == b"H" and hmac.compare_digest(body[1:], secret)
 
 
 WELCOME = b"W"

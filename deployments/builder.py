@@ -9,14 +9,27 @@ from ray import serve
 from ray.serve import Application
 
 from app.config import AppArgs, ModelSpec, parse_app_args
-from app.models.loader import load_tokenizer
+from app.models.loader import build_config, load_tokenizer
 from app.planner import ParallelPlan, PlanError, plan_model
+from deployments.generator import GeneratorServer
 from deployments.ingress import FusedIngress, Ingress
 from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
 
 INGRESS_NAME = "Ingress"
+
+# What every deployment sheds with: a request past its queue bound gets 503 and Retry-After at once
+# (Serve answers it at the proxy or the caller's handle, before any of our code runs). Requests
+# waiting at a handle re-probe full replicas with a backoff; Serve's default grows it to 0.5 s,
+# so at saturation a queued request could lose several rounds to newer ones (unfair, seconds of
+# tail latency: measured in docs/performance.md "Overload"); 50 ms keeps the queue close to FIFO.
+SHED_OPTIONS: dict[str, Any] = {
+    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+}
+ROUTER_OPTIONS: dict[str, Any] = {
+    "request_router_config": {"initial_backoff_s": 0.01, "backoff_multiplier": 2.0, "max_backoff_s": 0.05},
+}
 
 
 def model_deployment_options(spec: ModelSpec, plan: ParallelPlan) -> dict[str, Any]:
@@ -27,13 +40,16 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan) -> dict[str, A
         "num_replicas": d.num_replicas,
         "max_ongoing_requests": spec.effective_max_ongoing_requests(),
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
-        # Seeds reconfigure(); `serve deploy` with a changed user_config retunes live.
-        "user_config": spec.batching.model_dump(),
+        # Seeds reconfigure(); `serve deploy` with a changed user_config retunes live (encoders: a
+        # generator's batch is the engine's running set, sized at start from memory).
+        **({} if spec.task == "generate" else {"user_config": spec.batching.model_dump()}),
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
+        **ROUTER_OPTIONS,
     }
     a = spec.autoscaling
-    options["max_queued_requests"] = a.max_queued_requests
+    options["max_queued_requests"] = spec.effective_max_queued_requests()
+    options.update(SHED_OPTIONS)
     if a.enabled:
         options.pop("num_replicas")
         autoscaling: dict[str, Any] = {
@@ -98,19 +114,25 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         (spec,) = args.models
         plan, vocab = _plan(spec, 0)
         return serve.deployment(FusedIngress).options(**model_deployment_options(spec, plan)).bind(args, plan, vocab)
-    handles = {}
+    handles, vocab_sizes = {}, {}
     for i, spec in enumerate(args.models):
         if spec.name == INGRESS_NAME:
             raise ValueError(f"models[{i}].name: {INGRESS_NAME!r} is reserved for the HTTP ingress")
         plan, vocab = _plan(spec, i)
-        handles[spec.name] = (
-            serve.deployment(ModelServer).options(**model_deployment_options(spec, plan)).bind(spec, plan, vocab, args.cost)
-        )
+        vocab_sizes[spec.name] = int(build_config(spec, vocab).vocab_size)
+        options = model_deployment_options(spec, plan)
+        if spec.task == "generate":
+            handles[spec.name] = serve.deployment(GeneratorServer).options(**options).bind(spec, plan, args.cost)
+        else:
+            handles[spec.name] = serve.deployment(ModelServer).options(**options).bind(spec, plan, vocab, args.cost)
     ing = args.ingress
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_NAME,
         num_replicas=ing.num_replicas,
-        max_ongoing_requests=ing.max_ongoing_requests,
+        max_ongoing_requests=args.ingress_max_ongoing_requests(),
+        max_queued_requests=ing.max_queued_requests,
+        **SHED_OPTIONS,
+        **ROUTER_OPTIONS,  # the proxy's router re-probes a full ingress as a handle does a full model
         ray_actor_options={"num_cpus": ing.num_cpus},
     )
-    return ingress.bind(args, handles)
+    return ingress.bind(args, handles, vocab_sizes)

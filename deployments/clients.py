@@ -21,7 +21,7 @@ from app.config import GatherOptions, ModelSpec
 from app.engine_link import EngineLinks
 from app.errors import ModelFailure, Overloaded, ServingError
 from app.gather import RequestGatherer
-from app.schemas import InferenceResult, ModelInput
+from app.requests import InferenceResult, ModelInput
 
 logger = logging.getLogger("ray.serve")
 

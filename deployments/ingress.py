@@ -1,4 +1,5 @@
-"""HTTP ingress: Open Inference Protocol v2 and a simple JSON route, in front of one model server per model.
+"""HTTP ingress: Open Inference Protocol v2 and a simple JSON route, in front of one model server per model;
+the generation routes (OpenAI-compatible) come from generate_routes.py.
 
 Every request is parsed and validated here, before it can join a batch; errors become JSON with the
 right status. Serve itself echoes or assigns `X-Request-ID` on every response.
@@ -11,50 +12,36 @@ import re
 import time
 from typing import Any, Optional
 
-import orjson
-from fastapi import FastAPI, Request
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.config import AppArgs, ModelSpec
+from app.config import AppArgs, LimitsConfig, ModelSpec
 from app.planner import ParallelPlan
 from app.metrics import IngressMetrics
 from app.errors import (
     InvalidInput,
+    MethodNotAllowed,
     ModelNotFound,
     Overloaded,
-    PayloadTooLarge,
     ReplicaUnavailable,
+    RouteNotFound,
     ServingError,
 )
-from app.schemas import (
-    V1_REQUEST_SCHEMA,
-    V2_REQUEST_SCHEMA,
-    InferenceResult,
-    ModelInput,
-    encode_v2_response,
-    openapi_body,
-    parse_v1_request,
-    parse_v2_request,
-    v1_predictions,
-    v2_model_metadata,
-)
+from app.protocols import openapi_body
+from app.protocols.v1 import V1_REQUEST_SCHEMA, parse_v1_request, v1_predictions
+from app.protocols.v2 import V2_REQUEST_SCHEMA, encode_v2_response, parse_v2_request, triton_model_config, v2_model_metadata
+from app.requests import InferenceResult, ModelInput
+from app.bounded import parse_length_header, read_body
 from deployments.clients import GatheringClient, HandleClient, LocalClient, ModelClient, as_serving_error
+from deployments.generate_routes import GenerationRoutes, merged_generation_limits
+from deployments.http_app import api, json_response
 from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
-
-api = FastAPI(
-    title="batchserve",
-    description="PyTorch models behind Ray Serve with dynamic batching (Open Inference Protocol v2 and a simple JSON route).",
-)
-
-def _json(doc: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
-    return Response(
-        orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status, media_type="application/json",
-        headers=headers,
-    )
 
 
 class _Observe:
@@ -81,6 +68,10 @@ class _Observe:
 
         try:
             await self.app(scope, receive, send_observed)
+        except asyncio.CancelledError:
+            # The client went away (or the proxy's request timeout cancelled us): not a server error.
+            status = 499
+            raise
         finally:
             state = scope["app"].state if "app" in scope else None
             metrics: Optional[IngressMetrics] = getattr(state, "metrics", None)
@@ -99,7 +90,7 @@ class _FastRoutes:
 
     FastAPI's per-request machinery (middleware layers, a scan of every route, dependency solving,
     endpoint wrappers) costs a replica's one Python core about 250 us per request on the 2-core
-    machine, half of what a whole bare no-op request costs (app/bench/replica_cpu.py measures it);
+    machine, half of what a whole bare no-op request costs (bench/replica_cpu.py measures it);
     serving the model's routes through it cost ~20 % of the replica's CPU. Here the two inference
     routes skip it: the path is matched once, and the very same route methods, limits and error
     mapping answer (FastAPI still serves every other route, and documents these two in
@@ -149,29 +140,54 @@ api.add_middleware(_Observe)
 @api.exception_handler(ServingError)
 async def _serving_error(_: Request, exc: ServingError) -> Response:
     headers = {"Retry-After": "1"} if isinstance(exc, (Overloaded, ReplicaUnavailable)) else None
-    return _json(exc.to_json(), exc.status_code, headers)
+    return json_response(exc.to_json(), exc.status_code, headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own 404 (no such route) and 405 (wrong method), in the service's error shape."""
+    if exc.status_code == 404:
+        err: ServingError = RouteNotFound(f"no route {request.method} {request.url.path}; see /docs for the API")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        err = ServingError(str(exc.detail))
+        err.status_code = exc.status_code
+        err.error_type = "http_error"
+    return json_response(err.to_json(), err.status_code, dict(exc.headers or {}) or None)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    return json_response(InvalidInput(f"invalid request: {exc.errors()[:3]}").to_json(), 400)
 
 
 @serve.ingress(api)
-class Ingress:
+class Ingress(GenerationRoutes):
     """Routed mode: one handle per model-server deployment (`ingress.mode: routed`)."""
 
-    def __init__(self, args: AppArgs, handles: dict[str, DeploymentHandle]):
+    def __init__(self, args: AppArgs, handles: dict[str, DeploymentHandle], vocab_sizes: dict[str, int]):
         gather = args.ingress.gather
-        if gather is None:
-            clients: dict[str, ModelClient] = {name: HandleClient(name, h) for name, h in handles.items()}
-        else:
-            clients = {name: GatheringClient(args.model(name), h, gather) for name, h in handles.items()}
-        self._setup(args, clients)
+        clients: dict[str, ModelClient] = {}
+        for name, h in handles.items():
+            # Generators stream through their handle (generate_routes.py); merging is for one-shot calls.
+            one_shot = args.model(name).task != "generate"
+            clients[name] = GatheringClient(args.model(name), h, gather) if gather and one_shot else HandleClient(name, h)
+        self.generators = {n: h for n, h in handles.items() if args.model(n).task == "generate"}
+        self._setup(args, clients, vocab_sizes)
 
-    def _setup(self, args: AppArgs, clients: dict[str, ModelClient]) -> None:
+    def _setup(self, args: AppArgs, clients: dict[str, ModelClient], vocab_sizes: dict[str, int]) -> None:
         self.specs: dict[str, ModelSpec] = {m.name: m for m in args.models}
+        # Each model's embedding rows: token ids past them are refused here, before any batch.
+        self.vocab_sizes = vocab_sizes
         self.clients = clients
         self._metadata: dict[str, dict[str, Any]] = {}
         # The FastAPI app is this replica's own; its state carries what the middleware needs.
         api.state.metrics = IngressMetrics()
         api.state.model_names = frozenset(self.specs)
         api.state.fast_ingress = self if args.ingress.fast_routes else None
+        self._started = int(time.time())
+        self._generation_limits = merged_generation_limits(self.specs.values())
 
     # ------------------------------------------------------------------ helpers
 
@@ -181,15 +197,20 @@ class Ingress:
             raise ModelNotFound(f"model {name!r} is not served here; models: {sorted(self.specs)}")
         return spec
 
+    def _encoder_spec(self, name: str) -> ModelSpec:
+        spec = self._spec(name)
+        if spec.task == "generate":
+            raise InvalidInput(f"model {name!r} generates text: use /v1/completions, /v1/chat/completions or "
+                               f"/v2/models/{name}/generate")
+        return spec
+
     async def _body(self, request: Request, spec: ModelSpec) -> bytes:
-        limit = spec.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
-        body = await request.body()
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the body has {len(body)} bytes; the limit is {limit}")
-        return body
+        return await self._read_body(request, spec.limits)
+
+    async def _read_body(self, request: Request, lim: LimitsConfig) -> bytes:
+        declared = parse_length_header(request.headers.get("content-length"), "Content-Length")
+        return await read_body(request.stream(), declared, lim.max_body_bytes, lim.body_idle_timeout_s,
+                               lim.body_timeout_s)
 
     async def _infer(self, name: str, inputs: ModelInput) -> InferenceResult:
         try:
@@ -209,38 +230,44 @@ class Ingress:
 
     @api.get("/v2")
     async def server_metadata(self) -> Response:
-        return _json({"name": "batchserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+        return json_response({"name": "batchserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
 
     @api.get("/v2/health/live")
     async def live(self) -> Response:
-        return _json({"live": True})
+        return json_response({"live": True})
 
     @api.get("/v2/health/ready")
     async def ready(self) -> Response:
         states = await asyncio.gather(*(self._model_ready(n) for n in self.specs))
         ok = all(states)
-        return _json({"ready": ok, "models": dict(zip(self.specs, states))}, 200 if ok else 503)
+        return json_response({"ready": ok, "models": dict(zip(self.specs, states))}, 200 if ok else 503)
 
     @api.get("/v2/models/{name}")
     async def model_metadata(self, name: str) -> Response:
         spec = self._spec(name)
         meta = await self._describe(name)
-        return _json(v2_model_metadata(spec, meta.get("output_dim")))
+        return json_response(v2_model_metadata(spec, meta.get("output_dim")))
+
+    @api.get("/v2/models/{name}/config")
+    async def model_config(self, name: str) -> Response:
+        """Triton's model configuration (what tritonclient's get_model_config reads)."""
+        spec = self._spec(name)
+        meta = await self._describe(name)
+        return json_response(triton_model_config(spec, meta.get("output_dim"), meta.get("batching", {}).get("max_batch_size")))
 
     @api.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str) -> Response:
         self._spec(name)
         ok = await self._model_ready(name)
-        return _json({"name": name, "ready": ok}, 200 if ok else 503)
+        return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
     @api.post("/v2/models/{name}/infer", openapi_extra=openapi_body(V2_REQUEST_SCHEMA))
     async def v2_infer(self, name: str, request: Request) -> Response:
-        spec = self._spec(name)
+        spec = self._encoder_spec(name)
         body = await self._body(request, spec)
-        header_len = request.headers.get("inference-header-content-length")
-        if header_len is not None and not header_len.isdigit():
-            raise InvalidInput("Inference-Header-Content-Length must be a non-negative integer")
-        req = parse_v2_request(body, int(header_len) if header_len is not None else None, spec)
+        header_len = parse_length_header(request.headers.get("inference-header-content-length"),
+                                         "Inference-Header-Content-Length")
+        req = parse_v2_request(body, header_len, spec, self.vocab_sizes.get(name))
         result = await self._infer(name, req.inputs)
         payload, json_len = encode_v2_response(spec, req, result)
         headers = result.timing_headers()
@@ -253,15 +280,18 @@ class Ingress:
 
     @api.post("/v1/models/{name}:predict", openapi_extra=openapi_body(V1_REQUEST_SCHEMA))
     async def v1_predict(self, name: str, request: Request) -> Response:
-        spec = self._spec(name)
+        spec = self._encoder_spec(name)
         inputs = parse_v1_request(await self._body(request, spec), spec)
         result = await self._infer(name, inputs)
-        return _json({"predictions": v1_predictions(spec, result.outputs)}, headers=result.timing_headers())
+        return json_response({"predictions": v1_predictions(spec, result.outputs)}, headers=result.timing_headers())
 
     @api.get("/v1/models")
     async def list_models(self) -> Response:
+        """OpenAI's list shape (`openai.models.list()` reads it), each entry with the service's own fields."""
         described = await asyncio.gather(*(self.clients[n].describe() for n in self.specs))
-        return _json({"models": described})
+        return json_response({"object": "list", "data": [
+            {"id": d["name"], "object": "model", "created": self._started, "owned_by": "batchserve", **d}
+            for d in described]})
 
 
 class FusedIngress(Ingress):
@@ -273,7 +303,7 @@ class FusedIngress(Ingress):
     async def __init__(self, args: AppArgs, plan: ParallelPlan, vocab_size: int):
         (spec,) = args.models
         self.server = ModelServer(spec, plan, vocab_size, args.cost)
-        await super().__init__(args, {})
+        await super().__init__(args, {}, {spec.name: self.server.model_vocab})
         self.clients = {spec.name: LocalClient(self.server)}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -31,6 +31,9 @@ def tiny_bert_spec(**overrides: Any) -> dict[str, Any]:
         "task": "classify",
         "num_labels": 3,
         "max_seq_len": 32,
+        # Test apps that are not about shedding keep the unbounded handle queue they were written
+        # for (every request answered); the shipped config and the overload tests bound it.
+        "autoscaling": {"max_queued_requests": -1},
     }
     spec.update(overrides)
     return spec
@@ -38,3 +41,54 @@ def tiny_bert_spec(**overrides: Any) -> dict[str, Any]:
 
 def parallel_config() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "serve_config.parallel.yaml").read_text())
+
+
+def processes_titled(title: str) -> set[int]:
+    """Pids of the Ray worker processes whose title (`ray::<what they run>`) names `title`, e.g.
+    `ServeReplica:batchserve:Ingress` or `TPRankWorker`. The test cluster's nodes all run on this
+    machine; the state API would need the dashboard, which the test cluster does not run."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or ())
+        if f"ray::{title}" in cmdline and (f"ray::{title} " in cmdline + " " or f"ray::{title}." in cmdline):
+            pids.add(p.info["pid"])
+    return pids
+
+
+def build_wheel(tmp_path: Path) -> list[str]:
+    """The service's wheel built as the Dockerfile's pip step builds it, from a clean copy of the
+    tree (a stale build/ in a working checkout would otherwise leak old files into it); its names."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                             "bench-notes", "bench-results", ".whl"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("batchserve-*.whl")
+    return zipfile.ZipFile(wheel).namelist()
+
+
+async def closed_loop_rate(url: str, path: str, body: bytes, seconds: float, concurrency: int) -> float:
+    """Answered-200 requests per second of `concurrency` clients each posting `body` (JSON) to
+    `path` back to back for `seconds`: the capacity an open-loop overload is scaled from."""
+    import asyncio
+    import time
+
+    import httpx
+
+    done = 0
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        async def client():
+            nonlocal done
+            while time.perf_counter() < deadline:
+                if (await c.post(path, content=body, headers={"content-type": "application/json"})).status_code == 200:
+                    done += 1
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done / seconds

@@ -73,6 +73,25 @@ def panels():
                    [("sum by (deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}} healthy"),
                     ("sum by (deployment) (ray_serve_replica_processing_queries)", "{{deployment}} processing")],
                    "short", 12, 36),
+        # Generators (task: generate, continuous batching).
+        timeseries("Generation: time to first token and per output token (p50 / p99)",
+                   [(quantile(q, f"ray_batchserve_{m}_bucket"), "{{model}} " + label + " p" + str(int(q * 100)))
+                    for m, label in (("time_to_first_token_ms", "TTFT"), ("time_per_output_token_ms", "TPOT"))
+                    for q in (0.5, 0.99)], "ms", 0, 44),
+        timeseries("Generation: tokens per second",
+                   [(f"sum by (model) (rate({sel('ray_batchserve_generated_tokens_total')}[1m]))", "{{model}} generated"),
+                    (f"sum by (model) (rate({sel('ray_batchserve_prompt_tokens_total')}[1m]))", "{{model}} prompt")],
+                   "short", 12, 44),
+        timeseries("Generation: running and waiting sequences, KV cache in use",
+                   [(f"sum by (model) ({sel('ray_batchserve_running_sequences')})", "{{model}} running"),
+                    (f"sum by (model) ({sel('ray_batchserve_waiting_sequences')})", "{{model}} waiting"),
+                    (f"100 * avg by (model) ({sel('ray_batchserve_kv_cache_used_fraction')})", "{{model}} KV cache %")],
+                   "short", 0, 52),
+        timeseries("Generation: cost per 1M generated tokens",
+                   [(f"avg by (model) ({sel('ray_batchserve_cost_per_1m_generated_tokens_usd')})", "{{model}} sliding window"),
+                    (f"1e6 * sum by (model) (rate({sel('ray_batchserve_cost_usd_total')}[5m])) / "
+                     f"sum by (model) (rate({sel('ray_batchserve_generated_tokens_total')}[5m]))", "{{model}} 5 min rate")],
+                   "currencyUSD", 12, 52),
     ]
 
 

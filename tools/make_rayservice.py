@@ -9,15 +9,31 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE = "batchserve:0.1.0"  # build from this repo: FROM rayproject/ray:2.60.0-py311-gpu + pip install -e .
+IMAGE = "batchserve:0.1.0"  # docker build -t batchserve:0.1.0 . (the repo's Dockerfile)
+
+
+def gpus_asked(serve_config: dict) -> float:
+    """GPUs the config's model deployments ask for per replica, at most (0: a CPU-only config)."""
+    most = 0.0
+    for app in serve_config["applications"]:
+        for m in app.get("args", {}).get("models", []):
+            most = max(most, float(m.get("deployment", {}).get("num_gpus", 0)))
+    return most
 
 
 def rayservice(serve_config: dict) -> dict:
     serve_v2 = {k: serve_config[k] for k in ("proxy_location", "http_options", "applications") if k in serve_config}
     container = {
         "image": IMAGE,
-        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
+        # Serve's fast HTTP path (README "Admission"), as the README's first command sets it.
+        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+                {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+                {"name": "RAY_SERVE_ENABLE_DIRECT_INGRESS", "value": "1"}],
     }
+    gpus = gpus_asked(serve_config)
+    worker_limits = {"cpu": "16", "memory": "64Gi"}
+    if gpus > 0:
+        worker_limits["nvidia.com/gpu"] = "4"
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -37,13 +53,12 @@ def rayservice(serve_config: dict) -> dict:
                     }]}},
                 },
                 "workerGroupSpecs": [{
-                    "groupName": "gpu",
+                    "groupName": "gpu" if gpus > 0 else "cpu",
                     "replicas": 1, "minReplicas": 1, "maxReplicas": 8,
                     "rayStartParams": {"metrics-export-port": "8080"},
                     "template": {"spec": {"containers": [{
                         **container, "name": "ray-worker",
-                        "resources": {"limits": {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "4"},
-                                      "requests": {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "4"}},
+                        "resources": {"limits": dict(worker_limits), "requests": dict(worker_limits)},
                     }]}},
                 }],
             },

@@ -114,9 +114,10 @@ def resolve_device(spec: ModelSpec, local_rank: int = 0) -> torch.device:
 
 
 def auto_model_class(spec: ModelSpec):
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModel if spec.task == "embed" else AutoModelForSequenceClassification
+    return {"embed": AutoModel, "classify": AutoModelForSequenceClassification,
+            "generate": AutoModelForCausalLM}[spec.task]
 
 
 def build_backbone(

@@ -4,7 +4,7 @@ Pipelines pass tensors only, so every unit takes one tuple (hidden [B, L, H], ma
 units before the head return one; each
 layer rebuilds its own 4-D attention mask and rotary embeddings from those with the model's own
 helpers (cheap next to the layer), which keeps stages free of shared state. The cut is the one the
-planner sizes (app.planner.layer_modules), so the balance it computes applies unit for unit.
+planner sizes (app.models.anatomy.layer_modules), so the balance it computes applies unit for unit.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from app.models.heads import ClassifierHead, EmbeddingHead, mean_pool_normalize
-from app.planner import layer_modules
+from app.models.anatomy import layer_modules
 
 SUPPORTED = ("bert", "llama")
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from app.schemas import ModelInput
+from app.requests import ModelInput
 
 
 def _token_text(value: Any) -> Optional[str]:

@@ -7,7 +7,7 @@ outputs with the same number of rows. It knows nothing of HTTP, requests or Serv
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -37,3 +37,18 @@ class ModelRunner(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Facts for GET /v1/models: strategy, devices, dtype, output width."""
+
+    def gpu_ids(self) -> Optional[list[str]]:
+        """Physical GPU ids the runner computes on, for NVML gauges; None: the replica's own."""
+        return None
+
+    def measure_per_sample_bytes(self, seq_len: int) -> Optional[int]:
+        """Peak device memory one sample adds at `seq_len`, measured; None where it cannot be."""
+        return None
+
+    def free_device_bytes(self) -> Optional[int]:
+        """Free memory on the runner's device; None where it is not known (the CPU)."""
+        return None
+
+    def release_cached_memory(self) -> None:
+        """After an out-of-memory batch: give cached allocator blocks back before the retry."""

@@ -85,9 +85,6 @@ class TPRankWorker:
         out = self.model(ids.to(self.device), mask.to(self.device))
         return out.float().cpu() if self.rank == 0 else None
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def ping(self) -> bool:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -105,7 +102,6 @@ class TensorParallelRunner(ModelRunner):
         self.output_dim: Optional[int] = None
         self.dtype: str = "?"
         self._lost: Optional[str] = None  # why the gang broke, once it has
-        self.rank_pids: list[int] = []
         # Names of the shared-memory files DeepSpeed's CPU all-reduce gives this gang (one per
         # rank, /dev/shm/<prefix>_<rank>, named as in its csrc/cpu/comm/shm.cpp).
         self.shm_buffer_prefix: Optional[str] = None
@@ -139,12 +135,14 @@ class TensorParallelRunner(ModelRunner):
                 raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({world})")
         ray.get([r.setup.remote(self.spec, self.vocab_size, master_addr, master_port, gang_gpus) for r in self.ranks])
         self.gang_gpus = gang_gpus or []
-        self.rank_pids = ray.get([r.pid.remote() for r in self.ranks])
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
         self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (
             "float32" if self.spec.dtype == "auto" else self.spec.dtype)
         self._start_s = time.perf_counter() - t0
+
+    def gpu_ids(self) -> Optional[list[str]]:
+        return self.gang_gpus or None
 
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self._lost is not None:
@@ -192,9 +190,6 @@ class TensorParallelRunner(ModelRunner):
     def describe(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
-            # Which processes hold the ranks (for `ray list actors`, py-spy or a chaos drill).
-            "rank_actors": [r._actor_id.hex() for r in self.ranks],
-            "rank_pids": list(self.rank_pids),
             "devices": [f"{'cuda' if self.use_gpu else 'cpu'}:rank{i}" for i in range(self.plan.tp)],
             "dtype": self.dtype,
             "output_dim": self.output_dim,

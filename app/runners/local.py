@@ -28,6 +28,7 @@ class LocalRunner(ModelRunner):
         self.model: torch.nn.Module | None = None
         self.output_dim: int | None = None
         self.graphs: GraphedForward | None = None
+        self._warned_eager = False
 
     def start(self) -> None:
         self.model = wrap_head(self.spec, build_backbone(self.spec, self.vocab_size, self.device, self.dtype))
@@ -69,6 +70,10 @@ class LocalRunner(ModelRunner):
             return None
         return int(torch.cuda.mem_get_info(self.device)[0])
 
+    def release_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         assert self.model is not None, "start() was not called"
@@ -76,6 +81,12 @@ class LocalRunner(ModelRunner):
             out = self.graphs(input_ids, attention_mask)
             if out is not None:
                 return out
+            if not self._warned_eager:  # a retune above the captured buckets: say so, once
+                self._warned_eager = True
+                logger.warning("model %s: a batch of %s runs eagerly: CUDA graphs were captured for batches "
+                               "up to %d and sequences up to %d at start; restart the replicas to capture "
+                               "larger ones", self.spec.name, tuple(input_ids.shape), self.graphs.batch_buckets[-1],
+                               self.graphs.seq_buckets[-1])
         non_blocking = self.device.type == "cuda"
         ids = input_ids.to(self.device, non_blocking=non_blocking)
         mask = attention_mask.to(self.device, non_blocking=non_blocking)

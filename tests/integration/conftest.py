@@ -8,7 +8,10 @@ The app is deployed from the repo's serve_config.yaml through the same controlle
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import socket
+import time
 from typing import Any, Iterator
 
 import httpx
@@ -18,7 +21,7 @@ from ray import serve
 from ray._common.test_utils import wait_for_condition
 from ray.cluster_utils import Cluster
 
-from app.bench.retune import deploy_config, wait_ready  # deploy_config: tests import it from here too
+from deployments.control import deploy_config, wait_ready  # deploy_config: tests import it from here too
 from tests.helpers import serve_config
 
 
@@ -35,10 +38,19 @@ def app_status(name: str):
 WORKER_GPUS = 2  # logical GPUs on each worker node (no CUDA needed: they are scheduling tokens)
 
 
+# The README's first command runs Serve with HAProxy in front of direct-ingress replicas (Serve's
+# fast HTTP path, README "Admission"). BATCHSERVE_TEST_HAPROXY=1 runs the test cluster that way too
+# (the overload tests need it: `-m slow`); by default it runs Serve's Python proxy.
+SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+HAPROXY = os.environ.get("BATCHSERVE_TEST_HAPROXY") == "1"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A three-node Ray cluster of this test run only (head + 2 workers with logical GPUs), all on
     this machine; yields the Prometheus endpoint of every node, as Prometheus discovers them."""
+    if HAPROXY:
+        os.environ.update(SERVE_ENV)
     ports = [free_port() for _ in range(3)]
     # Logical CPUs: replicas take fractions of them.
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -81,10 +93,26 @@ def client(base_url):
         yield c
 
 
-def app_entry(name: str, models: list[dict[str, Any]], **args: Any) -> dict[str, Any]:
-    """An application entry of a serve config, served under /<name>."""
-    return {"name": name, "route_prefix": f"/{name}", "import_path": "deployments.builder:build_app",
-            "args": {"models": models, **args}}
+def app_entry(name: str, models: list[dict[str, Any]], env: dict[str, str] | None = None,
+              **args: Any) -> dict[str, Any]:
+    """An application entry of a serve config, served under /<name>, with `env` in its runtime_env.
+    A model dict's `faults` (a test-only key: fault drills are not config fields) becomes the app's
+    BATCHSERVE_FAULTS environment, which the model servers read (app/engine/faults.py)."""
+    faults = {m["name"]: m["faults"] for m in models if "faults" in m}
+    models = [{k: v for k, v in m.items() if k != "faults"} for m in models]
+    entry = {"name": name, "route_prefix": f"/{name}", "import_path": "deployments.builder:build_app",
+             "args": {"models": models, **args}}
+    env_vars = dict(env or {})
+    if faults:
+        env_vars["BATCHSERVE_FAULTS"] = json.dumps(faults)
+    if env_vars:
+        entry["runtime_env"] = {"env_vars": env_vars}
+    return entry
+
+
+def shipped_env() -> dict[str, str]:
+    """The environment serve_config.yaml gives its replicas (Serve's throughput settings)."""
+    return dict(serve_config()["applications"][0].get("runtime_env", {}).get("env_vars", {}))
 
 
 # Extra applications currently served beside the repo config, innermost last: deploying is
@@ -102,6 +130,7 @@ def _config_with(apps: list[dict[str, Any]]) -> dict[str, Any]:
 def extra_app(base_url: str, app: dict[str, Any], ready_timeout_s: float = 180) -> Iterator[str]:
     """Serve `app` beside the repo's config (and any extra apps already live, e.g. a module
     fixture's) for the duration; yields its URL, then removes only `app`."""
+    gpus_free_before = ray.available_resources().get("GPU", 0)
     _LIVE_EXTRA_APPS.append(app)
     deploy_config(_config_with(_LIVE_EXTRA_APPS))
     url = f"{base_url}{app['route_prefix']}"
@@ -112,3 +141,9 @@ def extra_app(base_url: str, app: dict[str, Any], ready_timeout_s: float = 180) 
         _LIVE_EXTRA_APPS.remove(app)
         deploy_config(_config_with(_LIVE_EXTRA_APPS))
         wait_for_condition(lambda: app_status(app["name"]) is None, timeout=120)
+        # Serve forgets a replica once it has sent the kill; the GPU comes back when the process is
+        # gone. The next test must start from the cluster this one found (a CI run once began a
+        # scaling test with two GPUs still held by the previous app's dying replicas).
+        t0 = time.monotonic()
+        wait_for_condition(lambda: ray.available_resources().get("GPU", 0) >= gpus_free_before, timeout=120)
+        print(f"\n[{app['name']}] removed; its GPUs were free again {time.monotonic() - t0:.1f} s after Serve forgot it")

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from app.bench.scaleup import Traffic, drive
+from bench.scaleup import Traffic, drive
 from tests.helpers import tiny_bert_spec
 from tests.integration.conftest import app_entry, app_status, extra_app
 
@@ -33,7 +33,8 @@ def scaling_url(base_url, request):
         deployment={"num_cpus": 0.1, "num_gpus": 1},  # one logical GPU: 4 replicas need both workers
         autoscaling={"enabled": True, "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
                      "upscale_delay_s": 0.5, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
-                     "look_back_period_s": 2, "policy": request.param, "target_queue_wait_ms": 50},
+                     "look_back_period_s": 2, "policy": request.param, "target_queue_wait_ms": 50,
+                     "max_queued_requests": -1},  # about scaling: every request waits and is answered
     )
     with extra_app(base_url, app_entry("scaling", [scaler])) as url:
         yield url
@@ -87,7 +88,7 @@ def gang_url(base_url):
                      "devices": {"kind": "cpu", "per_node": 2}},
         "autoscaling": {"enabled": True, "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                         "upscale_delay_s": 0.5, "downscale_delay_s": 60, "metrics_interval_s": 0.5,
-                        "look_back_period_s": 2},
+                        "look_back_period_s": 2, "max_queued_requests": -1},
     }
     with extra_app(base_url, app_entry("gangs", [gang]), ready_timeout_s=300) as url:
         yield url
@@ -105,7 +106,8 @@ def test_tensor_parallel_replicas_scale_as_whole_gangs(gang_url):
     replicas = {r for _, r, _ in traffic.served_by}
     assert len(replicas) == 2, "a second tensor-parallel gang never served"
     assert running_replicas("gangs", "gang") == 2
-    assert all(s == 200 for s in traffic.statuses)
+    counts = {s: traffic.statuses.count(s) for s in set(traffic.statuses)}
+    assert all(s == 200 for s in traffic.statuses), counts
     # Each gang reserved its own placement group: 2 replicas x (own bundle + 2 ranks).
     from ray.util import placement_group_table
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.bench.retune import current_batching
-from app.bench.sweep import run_sweep, write_outputs
-from app.bench.tune import override_yaml, run_tune
+from bench.retune import current_batching
+from bench.sweep import run_sweep, write_outputs
+from bench.tune import override_yaml, run_tune
 from tests.helpers import serve_config
 
 pytestmark = pytest.mark.integration

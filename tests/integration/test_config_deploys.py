@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def _minilm(client) -> dict:
-    return next(m for m in client.get("/v1/models").json()["models"] if m["name"] == "minilm")
+    return next(m for m in client.get("/v1/models").json()["data"] if m["name"] == "minilm")
 
 
 def test_user_config_retunes_without_restart(client):
@@ -50,7 +50,8 @@ def test_bad_config_fails_deploy_naming_the_field(client):
             status = app_status("broken")
             return status is not None and status.status == "DEPLOY_FAILED"
 
-        wait_for_condition(failed, timeout=60)
+        # Serve builds a failing app four times (its task retries) before DEPLOY_FAILED.
+        wait_for_condition(failed, timeout=120)
         message = app_status("broken").message
         assert "models[0].batching.max_batch_szie: unknown field" in message, message
         # The good application kept serving.

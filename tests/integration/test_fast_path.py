@@ -38,7 +38,7 @@ def test_fused_outputs_equal_routed(base_url, model):
             assert v2.status_code == 200 and v2.headers["x-replica"]
             assert c.post(f"{url}/v1/models/{model}:predict", json={"instances": []}).status_code == 400
             assert c.post(f"{url}/v1/models/other:predict", json={"instances": ["x"]}).status_code == 404
-            assert [m["name"] for m in c.get(f"{url}/v1/models").json()["models"]] == [model]
+            assert [m["name"] for m in c.get(f"{url}/v1/models").json()["data"]] == [model]
 
 
 def test_fused_retunes_live_through_user_config(base_url):
@@ -46,7 +46,7 @@ def test_fused_retunes_live_through_user_config(base_url):
     app = app_entry("fusedtune", [spec], ingress={"mode": "fused"})
     with extra_app(base_url, app) as url:
         def info() -> dict:
-            return httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]
+            return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
 
         before = info()
         config = serve_config()

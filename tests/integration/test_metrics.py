@@ -23,6 +23,17 @@ CPU_HOUR_USD = 1.0
 REPLICA_CPUS = 0.25
 # NVML metrics exist only where a GPU does; everything else the dashboard names must be scraped here.
 GPU_ONLY = {"ray_batchserve_gpu_utilization_percent", "ray_batchserve_gpu_memory_used_bytes"}
+# Exported by generator replicas only: test_generation.py checks them while its generator runs.
+GENERATION_ONLY = {"ray_batchserve_time_to_first_token_ms_bucket", "ray_batchserve_time_per_output_token_ms_bucket",
+                   "ray_batchserve_generated_tokens_total", "ray_batchserve_prompt_tokens_total",
+                   "ray_batchserve_running_sequences", "ray_batchserve_waiting_sequences",
+                   "ray_batchserve_kv_cache_used_fraction", "ray_batchserve_cost_per_1m_generated_tokens_usd"}
+
+
+def dashboard_metrics() -> set[str]:
+    dash = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    return {m for e in exprs for m in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
 
 
 def scrape(urls: list[str]) -> dict[str, list]:
@@ -100,7 +111,48 @@ def test_dashboard_names_only_scraped_metrics(metered_url, metrics_urls):
     assert len(exprs) >= 10 and all(p["datasource"]["type"] == "prometheus" for p in dash["panels"])
     named = {m for e in exprs for m in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
     scraped = set(scrape(metrics_urls))
-    missing = named - scraped - GPU_ONLY
+    missing = named - scraped - GPU_ONLY - GENERATION_ONLY
     assert not missing, f"dashboard names metrics the service does not export: {sorted(missing)}"
     for panel in ("QPS", "p99", "Batch size", "Queue depth", "GPU utilisation", "Cost per 1000"):
         assert any(panel.lower() in p["title"].lower() for p in dash["panels"]), panel
+
+
+def test_cancel_timeout_and_shed_are_counted_as_what_they_are(base_url, metrics_urls, http_port):
+    """A client that gives up, a body that never finishes and a request past a full queue are not
+    server errors: each has its own outcome."""
+    spec = tiny_bert_spec(name="outcomes", batching={"max_batch_size": 2, "batch_wait_timeout_s": 0.01},
+                          deployment={"num_cpus": 0.1, "max_ongoing_requests": 2},
+                          autoscaling={"max_queued_requests": 1}, faults={"batch_delay_s": 0.5})
+    # A roomy ingress, so a full model queue is answered by the ingress (and counted there).
+    with extra_app(base_url, app_entry("outcomes", [spec], ingress={"max_ongoing_requests": 100})) as url:
+        path = "/v1/models/outcomes:predict"
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                rs = await asyncio.gather(*(c.post(path, json={"instances": [f"s{i}"]}) for i in range(12)))
+                return [r.status_code for r in rs]
+
+        statuses = asyncio.run(burst())
+        shed = statuses.count(503)
+        assert shed >= 1 and set(statuses) <= {200, 503}, statuses
+
+        async def impatient() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=0.1) as c:
+                with pytest.raises(httpx.TimeoutException):
+                    await c.post(path, json={"instances": ["gone"]})
+
+        asyncio.run(impatient())
+        import socket
+        with socket.create_connection(("127.0.0.1", http_port), timeout=10) as s:
+            s.sendall(f"POST /outcomes{path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+            assert s.recv(4096).split(b" ", 2)[1] == b"408"
+
+        def counted() -> bool:
+            s = scrape(metrics_urls)
+            return (total(s, "ray_batchserve_requests_total", model="outcomes", outcome="shed") == shed
+                    and total(s, "ray_batchserve_requests_total", model="outcomes", outcome="client_cancel") == 1
+                    and total(s, "ray_batchserve_requests_total", model="outcomes", outcome="timeout") == 1)
+
+        wait_for_condition(counted, timeout=60, retry_interval_ms=2000)
+        s = scrape(metrics_urls)
+        assert total(s, "ray_batchserve_requests_total", model="outcomes", outcome="server_error") == 0

@@ -1,7 +1,7 @@
 import torch
 
 from app.batching import BatchEntry, collate, count_items, max_batch_size_from_memory, split_rows
-from app.schemas import ModelInput
+from app.requests import ModelInput
 
 
 def test_count_items_counts_multi_item_requests_fully():

@@ -1,6 +1,6 @@
 import numpy as np
 
-from app.bench.stats import summarize
+from bench.stats import summarize
 from app.quantiles import percentile
 
 

@@ -15,7 +15,34 @@ def test_rayservice_embeds_serve_config_applications():
     assert embedded["applications"] == serve_config()["applications"]
     ServeDeploySchema.model_validate(embedded)  # a config Serve itself accepts
     workers = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in workers)
+    asks_gpus = any(m.get("deployment", {}).get("num_gpus", 0) > 0
+                    for a in serve_config()["applications"] for m in a["args"]["models"])
+    reserves = any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in workers)
+    assert reserves == asks_gpus  # no GPU reserved that no deployment asks for, and none missing
+    assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "batchserve:0.1.0"
+
+
+def test_dockerfile_builds_the_image_the_rayservice_names(tmp_path):
+    """The Dockerfile's install step, run here without Docker: the same pip line builds the wheel,
+    and the wheel holds the service (no benchmarks, no tests)."""
+    from tests.helpers import build_wheel
+
+    docker = (ROOT / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-py311" in docker
+    assert "pip install --no-cache-dir /srv/batchserve" in docker
+    names = build_wheel(tmp_path)
+    assert "deployments/builder.py" in names and "app/config/__init__.py" in names
+    tops = {n.split("/")[0] for n in names}
+    assert not {t for t in tops if t in ("bench", "tests")}, tops
+    assert not [n for n in names if "/bench/" in n or n.endswith("noop.py")]
+
+
+def test_cluster_launcher_distributes_the_auth_token():
+    doc = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    assert "~/.ray/auth_token" in doc["file_mounts"]
+    head = " ".join(doc["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "auth_token" in head and "exit 1" in head
+    assert all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in doc["head_start_ray_commands"] if "ray start" in c)
 
 
 def test_cluster_launcher_yaml_parses_with_cpu_head_and_gpu_workers():

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from app.coalesce import BatchCoalescer
+from app.engine.coalesce import BatchCoalescer
 
 
 async def settle():

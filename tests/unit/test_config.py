@@ -1,8 +1,9 @@
 import pytest
+import yaml
 
 from app.config import ConfigError, GatherOptions, parse_app_args
 from deployments.builder import build_app, model_deployment_options
-from tests.helpers import app_args, tiny_bert_spec
+from tests.helpers import ROOT, app_args, tiny_bert_spec
 
 
 def test_repo_serve_config_is_valid():
@@ -107,3 +108,34 @@ def test_default_max_ongoing_lets_batches_fill():
 def test_build_app_refuses_bad_args_naming_the_field():
     with pytest.raises(ConfigError, match=r"models\[0\]\.task"):
         build_app({"models": [tiny_bert_spec(task="translate")]})
+
+
+def test_derived_admission_bounds_take_a_burst_of_idle_capacity_and_turn_away_the_rest():
+    """Serve counts a request as queued until it picks a replica, so the handle bound must take a
+    burst as large as a replica holds; the ingress bound leaves room for requests being turned away."""
+    args = parse_app_args(app_args())
+    minilm = args.model("minilm")
+    per_replica = minilm.effective_max_ongoing_requests()
+    assert per_replica == 2 * minilm.batching.max_batch_size * minilm.batching.max_concurrent_batches
+    assert minilm.effective_max_queued_requests() == per_replica
+    held = sum(m.effective_max_ongoing_requests() * m.max_replicas() + m.effective_max_queued_requests()
+               for m in args.models)
+    assert args.ingress_max_ongoing_requests() == max(64, 2 * held)
+    explicit = parse_app_args({"models": [tiny_bert_spec(autoscaling={"max_queued_requests": 3})]})
+    assert explicit.models[0].effective_max_queued_requests() == 3
+    unbounded = parse_app_args({"models": [tiny_bert_spec(autoscaling={"max_queued_requests": -1})]})
+    assert unbounded.ingress_max_ongoing_requests() == 1000
+
+
+def test_generation_config_is_valid_and_bad_generators_are_named():
+    gen = yaml.safe_load((ROOT / "serve_config.generate.yaml").read_text())["applications"][0]["args"]
+    spec = parse_app_args(gen).models[0]
+    assert spec.task == "generate" and spec.autoscaling.enabled
+    assert spec.prompt_token_limit() == spec.max_seq_len - spec.generation.max_new_tokens
+    assert spec.effective_max_ongoing_requests() == 2 * spec.generation.max_running_sequences
+    base = gen["models"][0]
+    assert "not a causal LM" in _error({"models": [{**base, "source": {"kind": "random_init", "architecture": "bert"}}]})
+    assert "does not generate yet" in _error({"models": [{**base, "parallel": {"strategy": "fairscale_pp"}}]})
+    assert "leaves no room" in _error({"models": [{**base, "generation": {"max_new_tokens": 256}}]})
+    assert "default_max_tokens" in _error({"models": [{**base, "generation": {"default_max_tokens": 200}}]})
+    assert "routed" in _error({"models": [base], "ingress": {"mode": "fused"}})

@@ -9,7 +9,7 @@ import pytest
 
 from app.engine_link import EngineLink, EngineLinks, EngineListener, LinkLost
 from app.errors import InvalidInput, ModelFailure, Overloaded
-from app.schemas import InferenceResult, ModelInput
+from app.requests import InferenceResult, ModelInput
 
 
 def run(coro):
@@ -229,3 +229,54 @@ def test_a_closed_link_refuses_calls():
             await link.call(ids([7]))
 
     run(scenario())
+
+
+async def _raw_dial(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+def test_a_hello_larger_than_a_hello_is_refused_before_it_is_read():
+    from app import wire
+
+    async def scenario():
+        engine = Engine()
+        port = await engine.listener.start(host="127.0.0.1")
+        reader, writer = await _raw_dial(port)
+        writer.write(wire._LEN.pack(wire.MAX_FRAME_BYTES))  # announces 256 MB; sends none of it
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed at once, nothing buffered
+        assert engine.listener.links == 0
+
+    run(scenario())
+
+
+def test_links_past_the_cap_are_closed_and_a_silent_peer_times_out(monkeypatch):
+    import app.engine_link as engine_link
+
+    monkeypatch.setattr(engine_link, "_CONNECT_TIMEOUT_S", 0.3)
+
+    async def scenario():
+        engine = Engine()
+        engine.listener._max_links = 2
+        a = await engine.address()
+        held = [await EngineLink.open(a["host"], a["port"], bytes.fromhex(a["secret"]), "e1") for _ in range(2)]
+        reader, writer = await _raw_dial(a["port"])
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # the third is refused
+        for link in held:
+            link.retire()
+        await until(lambda: engine.listener.links == 0, "links not released")
+        reader, writer = await _raw_dial(a["port"])  # says nothing: dropped after the hello deadline
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        await until(lambda: engine.listener.links == 0, "silent link not released")
+
+    run(scenario())
+
+
+def test_the_secret_is_compared_in_constant_time():
+    import inspect
+
+    from app import wire
+
+    assert wire.check_hello(b"H" + b"k" * wire.SECRET_BYTES, b"k" * wire.SECRET_BYTES)
+    assert not wire.check_hello(b"H" + b"x" * wire.SECRET_BYTES, b"k" * wire.SECRET_BYTES)
+    assert "compare_digest" in inspect.getsource(wire.check_hello)

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from app.bench.hey import parse_report
+from bench.hey import parse_report
 from app.config import ConfigError, parse_app_args
 from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, default_seq_buckets
 
@@ -92,8 +92,8 @@ def test_hey_small_sample_p99_falls_back_to_slowest():
                                   ["--tokenizer", "t", "--skip-raw"], ["--tokenizer", "t", "--levers", "base"]])
 def test_every_run_of_the_fast_path_benchmark_starts(argv, monkeypatch, tmp_path):
     """Each mode reaches its own runner (which first looks for `hey`), not a NameError."""
-    import app.bench.fast_path as fast_path
-    import app.bench.hey as hey
+    import bench.fast_path as fast_path
+    import bench.hey as hey
 
     monkeypatch.setattr(hey, "find_hey", lambda: None)
     monkeypatch.setattr(fast_path, "raw_cpu", lambda *a, **k: pytest.fail("the CPU run must look for hey first"))
@@ -102,17 +102,18 @@ def test_every_run_of_the_fast_path_benchmark_starts(argv, monkeypatch, tmp_path
 
 
 def test_lever_variants_compose_into_one_config():
-    import app.bench.fast_path as fast_path
+    import bench.levers as fast_path
 
     ns = argparse.Namespace(tokenizer="t", max_batch=64, wait=0.002)
     base = fast_path.lever_doc(ns, "base", 8)["applications"][0]
     assert base["args"]["ingress"]["fast_routes"] is False and "runtime_env" not in base
     doc = fast_path.lever_doc(ns, "pool0+fast+oneloop+cb2", 8)["applications"][0]
     spec = doc["args"]["models"][0]
-    assert spec["deployment"]["tokenizer_threads"] == 0 and spec["batching"]["max_concurrent_batches"] == 2
+    assert spec["batching"]["max_concurrent_batches"] == 2
     assert spec["deployment"]["num_gpus"] == 1 / 8
     assert doc["args"]["ingress"]["fast_routes"] is True
-    assert doc["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    assert doc["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                              "TOKENIZERS_PARALLELISM": "false"}  # pool0: an env lever
     parse_app_args(doc["args"])  # a valid application config
     with pytest.raises(SystemExit, match="unknown lever"):
         fast_path.lever_doc(ns, "base+turbo", 8)
@@ -140,7 +141,7 @@ def test_lever_variants_compose_into_one_config():
 
 
 def test_py_spy_profile_gives_gil_time_and_thread_names(tmp_path):
-    from app.bench.replica_cpu import label_threads, read_profile
+    from bench.replica_cpu import label_threads, read_profile
 
     raw = tmp_path / "p.txt"
     raw.write_text("thread (11): AsyncIO Thread: default;run (a.py:1);f (b.py:2) 30\n"
@@ -154,11 +155,30 @@ def test_py_spy_profile_gives_gil_time_and_thread_names(tmp_path):
 
 
 def test_serving_path_knobs_validated():
-    args = parse_app_args({"models": [_model(deployment={"tokenizer_threads": 0, "gil_switch_interval_ms": 0.5})],
-                           "ingress": {"fast_routes": False}})
-    assert args.models[0].deployment.tokenizer_threads == 0 and args.ingress.fast_routes is False
+    args = parse_app_args({"models": [_model()], "ingress": {"fast_routes": False}})
+    assert args.ingress.fast_routes is False
     assert parse_app_args({"models": [_model()]}).ingress.fast_routes is True
-    with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
-        parse_app_args({"models": [_model(deployment={"gil_switch_interval_ms": 0})]})
-    with pytest.raises(ConfigError, match="tokenizer_threads"):
-        parse_app_args({"models": [_model(deployment={"tokenizer_threads": -1})]})
+    # Process-level levers are environment variables of the replica, not config fields.
+    for lever in ("gil_switch_interval_ms", "tokenizer_threads"):
+        with pytest.raises(ConfigError, match=f"{lever}: unknown field"):
+            parse_app_args({"models": [_model(deployment={lever: 1})]})
+
+
+def test_the_gil_switch_interval_comes_from_the_replica_environment():
+    import sys
+
+    from app.config import ModelSpec
+    from app.engine.startup import GIL_SWITCH_ENV, tune_process
+
+    spec = ModelSpec.model_validate(_model(deployment={"torch_threads": 1}))
+    before = sys.getswitchinterval()
+    try:
+        assert tune_process(spec, {GIL_SWITCH_ENV: "0.5"}) == 1
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        tune_process(spec, {})  # unset: left as it is
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        for bad in ("0", "fast", "1000"):
+            with pytest.raises(ValueError, match=GIL_SWITCH_ENV):
+                tune_process(spec, {GIL_SWITCH_ENV: bad})
+    finally:
+        sys.setswitchinterval(before)

@@ -8,7 +8,7 @@ import pytest
 
 from app.errors import InvalidInput, Overloaded, ServingError
 from app.gather import RequestGatherer
-from app.schemas import InferenceResult, ModelInput
+from app.requests import InferenceResult, ModelInput
 
 
 def encode(inputs):

@@ -15,8 +15,9 @@ class Clock:
 
 
 def test_outcomes():
-    assert [outcome_of(s) for s in (200, 400, 404, 413, 429, 503, 500)] == [
-        "ok", "client_error", "client_error", "client_error", "rejected", "rejected", "server_error"]
+    assert [outcome_of(s) for s in (200, 400, 404, 413, 429, 503, 408, 504, 499, 500)] == [
+        "ok", "client_error", "client_error", "client_error", "shed", "shed", "timeout", "timeout",
+        "client_cancel", "server_error"]
 
 
 def test_cost_window_prices_device_seconds_per_request():

@@ -105,3 +105,25 @@ def test_real_minilm_is_replicated():
     spec = ModelSpec.model_validate({"name": "m", "source": {"kind": "packaged"}, "task": "embed"})
     p = plan_model(spec)
     assert p.strategy == "replicated" and 20 * MiB < p.param_bytes < 200 * MiB
+
+
+def _generator(mib, max_tokens=None):
+    raw = _llama(devices=_budget(mib)).model_dump()
+    raw.update(task="generate", max_seq_len=256,
+               generation={"max_new_tokens": 64, "kv_cache_max_tokens": max_tokens, "max_running_sequences": 8})
+    return ModelSpec.model_validate(raw)
+
+
+def test_a_generator_plan_counts_its_kv_cache():
+    p = plan_model(_generator(512))
+    kv_per_token = 2 * 4 * 8 * 32 * 4  # K and V x 4 layers x 8 kv heads x head_dim 32 x fp32
+    assert p.strategy == "replicated" and p.max_batch_size == 8
+    assert p.kv_cache_tokens == int((512 * MiB - p.param_bytes) * 0.8) // kv_per_token
+    assert "KV cache" in p.explain() and "full-length sequences" in p.explain()
+    assert plan_model(_generator(512, max_tokens=1024)).kv_cache_tokens == 1024
+
+
+def test_a_generator_that_leaves_no_room_for_one_sequence_is_refused():
+    # ~14 MiB of parameters on 14.5 MiB devices: auto would split an encoder; a generator needs one device.
+    with pytest.raises(PlanError, match="KV cache of .* tokens"):
+        plan_model(_generator(14.5))

@@ -2,7 +2,7 @@
 
 import math
 
-from app.bench.scaleup import Traffic
+from bench.scaleup import Traffic
 
 
 def test_first_new_replica_is_the_first_answer_from_another_replica():

@@ -8,14 +8,9 @@ from tritonclient.http._utils import _get_inference_request
 
 from app.config import ModelSpec
 from app.errors import InvalidInput, PayloadTooLarge
-from app.schemas import (
-    InferenceResult,
-    ModelInput,
-    encode_v2_response,
-    parse_v1_request,
-    parse_v2_request,
-    v1_predictions,
-)
+from app.protocols.v1 import parse_v1_request, v1_predictions
+from app.protocols.v2 import encode_v2_response, parse_v2_request
+from app.requests import InferenceResult, ModelInput
 from tests.helpers import tiny_bert_spec
 
 EMBED = ModelSpec.model_validate(
@@ -117,7 +112,7 @@ def test_v2_truncated_binary_bytes():
         (_text_doc(["a"] * 5), "5 items"),
         (_text_doc(["x" * 21]), "21 characters"),
         ({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 17], "data": [1] * 17}]}, "17 tokens"),
-        (_text_doc(["a"], shape=[10**9]), "elements"),
+        (_text_doc(["a"], shape=[10**9]), "1000000000 items"),
     ],
 )
 def test_v2_limits_are_413(doc, fragment):

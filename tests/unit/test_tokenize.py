@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 from app.config import ModelSpec
 from app.models.loader import load_tokenizer, tokenizer_dir
 from app.models.tokenize import HFTokenizer, RustTokenizer, TextEncoder
-from app.schemas import ModelInput
+from app.requests import ModelInput
 
 TEXTS = ["", "a", "Hello, World!", "ünïcode ✓ emoji 🎉 and CJK 漢字", "x " * 400, "tab\tand\nnewline",
          "The quick brown fox jumps over the lazy dog. " * 20, "[CLS] literal [SEP] tokens", "  spaces  "]

@@ -9,7 +9,7 @@ import pytest
 
 from app import wire
 from app.errors import InvalidInput, Overloaded, PayloadTooLarge, ServingError
-from app.schemas import InferenceResult, ModelInput
+from app.requests import InferenceResult, ModelInput
 
 
 def body(framed: bytes) -> bytes:

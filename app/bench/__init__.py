@@ -1,1 +1,0 @@
-"""Benchmark tools: `python -m app.bench load ...`."""

@@ -1,0 +1,123 @@
+"""One served model's spec (`args.models[i]`) and the bounds derived from it."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from app.config.sections import (AccelerationConfig, AutoscalingOptions, BatchingConfig, DeploymentOptions,
+                                 GenerationOptions, LimitsConfig, ModelSource, ParallelConfig, RandomInitSource,
+                                 _Strict)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    source: ModelSource
+    task: Literal["embed", "classify", "generate"]
+    num_labels: int = Field(2, ge=2, le=100_000)
+    labels: Optional[list[str]] = None
+    max_seq_len: int = Field(256, ge=8, le=32_768)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions)
+    acceleration: AccelerationConfig = Field(default_factory=AccelerationConfig)
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("labels must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.labels is not None:
+            if self.task != "classify":
+                raise ValueError("labels: only a 'classify' model has labels")
+            if len(self.labels) != self.num_labels:
+                raise ValueError(
+                    f"labels: {len(self.labels)} labels given but num_labels is {self.num_labels}"
+                )
+        if self.task == "generate":
+            self._check_generator()
+        if isinstance(self.source, RandomInitSource):
+            max_pos = self.source.config.get("max_position_embeddings")
+            if max_pos is not None and self.max_seq_len > int(max_pos):
+                raise ValueError(
+                    f"max_seq_len: {self.max_seq_len} exceeds source.config.max_position_embeddings ({max_pos})"
+                )
+        budget = self.limits.max_batch_tokens
+        if budget is not None and budget < self.max_seq_len:
+            raise ValueError(
+                f"limits.max_batch_tokens: {budget} is below max_seq_len ({self.max_seq_len}); "
+                "one full-length item could never run"
+            )
+        if self.device == "cpu" and self.deployment.num_gpus > 0:
+            raise ValueError("deployment.num_gpus: a model pinned to device 'cpu' should not reserve GPUs")
+        target = self.autoscaling.target_ongoing_requests
+        if target is not None and target > self.effective_max_ongoing_requests():
+            raise ValueError(
+                f"autoscaling.target_ongoing_requests: {target} exceeds max_ongoing_requests "
+                f"({self.effective_max_ongoing_requests()}); replicas could never reach it"
+            )
+        return self
+
+    def _check_generator(self) -> None:
+        if isinstance(self.source, RandomInitSource) and self.source.architecture not in ("llama", "opt"):
+            raise ValueError(f"source.architecture: {self.source.architecture!r} is not a causal LM; "
+                             "task 'generate' takes llama or opt (or a local_dir of any causal LM)")
+        if self.parallel.strategy in ("deepspeed_tp", "fairscale_pp"):
+            raise ValueError(f"parallel.strategy: {self.parallel.strategy!r} does not generate yet; "
+                             "a generator runs replicated (one device per replica)")
+        g = self.generation
+        if g.max_new_tokens >= self.max_seq_len:
+            raise ValueError(f"generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "
+                             f"max_seq_len ({self.max_seq_len}), the model's context")
+        if self.prompt_token_limit() + g.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"generation: max_prompt_tokens ({g.max_prompt_tokens}) + max_new_tokens "
+                             f"({g.max_new_tokens}) exceeds max_seq_len ({self.max_seq_len}), the context")
+
+    def prompt_token_limit(self) -> int:
+        g = self.generation
+        return g.max_prompt_tokens if g.max_prompt_tokens is not None else self.max_seq_len - g.max_new_tokens
+
+    def effective_target_ongoing_requests(self) -> float:
+        a = self.autoscaling
+        return a.target_ongoing_requests or float(self.min_ongoing_requests)
+
+    @property
+    def min_ongoing_requests(self) -> int:
+        """A replica must hold at least this many requests or batches can never fill (ray #43288)."""
+        if self.task == "generate":
+            return self.generation.max_running_sequences
+        return self.batching.max_batch_size * self.batching.max_concurrent_batches
+
+    def effective_max_ongoing_requests(self) -> int:
+        """Requests one replica holds: the batches it runs plus as many forming behind them, so the
+        device never waits for the router between batches and no request queues behind more than
+        one batch inside the replica (README "Admission")."""
+        if self.deployment.max_ongoing_requests is not None:
+            return self.deployment.max_ongoing_requests
+        return max(self.min_ongoing_requests * 2, 8)
+
+    def effective_max_queued_requests(self) -> int:
+        """Requests each caller holds for this model beyond what its replicas hold: one replica's
+        worth. Serve counts a request as queued until a replica is picked for it, so a burst that
+        free replicas could take at once still passes through this queue; a bound below a replica's
+        capacity would shed such bursts while replicas sit idle (README "Admission"). -1: unbounded."""
+        q = self.autoscaling.max_queued_requests
+        if q is not None:
+            return q
+        return self.effective_max_ongoing_requests()
+
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling.enabled else self.deployment.num_replicas
+
+    def label_names(self) -> list[str]:
+        return self.labels if self.labels is not None else [f"LABEL_{i}" for i in range(self.num_labels)]

@@ -1,0 +1,174 @@
+"""Iteration-level (continuous) batching for generators, on transformers' continuous-batching manager.
+
+The manager (`transformers.generation.continuous_batching`) owns the scheduler and the paged KV
+cache: at every step its loop admits waiting requests into the running batch (prefill, chunked to
+the step's token budget) beside the decoding ones, runs one forward pass over all of them, and
+retires sequences that finish. This module is what the service adds around it:
+
+- the KV budget from measured memory (app/kv_cache.py), given to the manager as its block count;
+- sampling per request, reproducible by seed (app/engine/sampling.py), in the same batch as greedy;
+- admission: a bounded number of sequences held (running + waiting) and refusal before queueing of
+  a request that could never fit;
+- an async stream of new tokens per request, on the caller's event loop; a consumer that goes away
+  (client disconnect, timeout) cancels its sequence, which frees its cache blocks at the next step;
+- the statistics the metrics and the autoscaler read.
+
+No Ray here: the Serve shell (deployments/generator.py) and the tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from app.engine.sampling import sampling_kwargs, seeded_sampling_processors
+from app.errors import InvalidInput, ModelFailure, Overloaded, PayloadTooLarge
+from app.kv_cache import KVBudget
+
+logger = logging.getLogger("ray.serve")
+
+# The manager writes an INFO line per scheduling decision; the replica log is not the place for them.
+logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TokenEvent:
+    """New tokens of one request since its last event; `finished` once, with the reason."""
+
+    tokens: list[int]
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "stop" (an end-of-sequence token) or "length"
+
+
+@dataclass
+class GenerationStats:
+    running: int
+    waiting: int
+    held: int  # admitted and not yet finished: running + waiting
+    kv_used_fraction: float
+
+
+class GenerationEngine:
+    """One model's continuous-batching loop. `model` is a transformers causal LM already on its
+    device; `page_size` tokens per cache block; at most `max_running` sequences decode together and
+    `max_sequences` requests are held at once (the rest of them wait for a place in the batch)."""
+
+    def __init__(self, model: Any, eos_token_ids: list[int], budget: KVBudget, *, max_running: int,
+                 max_sequences: int, max_step_tokens: int, page_size: int = 32, max_context_tokens: int):
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        if budget.tokens < page_size:
+            raise ValueError(f"KV cache budget of {budget.tokens} tokens is below one page ({page_size})")
+        self.budget = budget
+        self.max_sequences = max_sequences
+        self.max_running = max_running
+        self.max_context_tokens = max_context_tokens
+        self.eos_token_ids = eos_token_ids or [-1]
+        self._ids = itertools.count()
+        self._held = 0
+        generation = GenerationConfig(do_sample=False, eos_token_id=self.eos_token_ids, pad_token_id=0,
+                                      max_new_tokens=1)
+        cb = ContinuousBatchingConfig(
+            num_blocks=budget.tokens // page_size, page_size=page_size, max_batch_tokens=max_step_tokens,
+            # On attention without varlen kernels (sdpa: CPU, or no flash-attn) a step's mask spans
+            # every running sequence's keys, so a step costs ~running^2: the cap bounds it.
+            max_requests_per_batch=max_running,
+            # Prefix sharing keeps finished requests' blocks cached for reuse; off, the cache in use
+            # is exactly the running sequences' (the metric and the budget mean what they say).
+            allow_block_sharing=False,
+            max_queue_size=0,  # the bound is ours (max_sequences), checked before the manager's queue
+        )
+        self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
+        # Always argmax in the manager; temperature, top-p and the seeded noise come first (sampling.py).
+        self.manager.logit_processor = seeded_sampling_processors()
+        self.manager.start()
+
+    # ------------------------------------------------------------------ requests
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse, before it queues, a request that could never run: 413 when too long for the model
+        or for the whole KV cache."""
+        if max_new_tokens < 1:
+            raise InvalidInput("max_tokens must be at least 1")
+        total = prompt_tokens + max_new_tokens
+        if total > self.max_context_tokens:
+            raise PayloadTooLarge(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new_tokens}) = {total} "
+                                  f"exceeds the model's context of {self.max_context_tokens} tokens")
+        if total > self.budget.tokens:
+            raise PayloadTooLarge(f"prompt + max_tokens = {total} tokens can never fit this replica's KV cache "
+                                  f"({self.budget.tokens} tokens)")
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """New tokens as the steps produce them. Closing the iterator early (the caller stopped
+        reading, was cancelled or timed out) cancels the sequence."""
+        self.check_fits(len(prompt_ids), params.max_new_tokens)
+        if self._held >= self.max_sequences:
+            raise Overloaded(f"{self._held} sequences already held by this replica (max {self.max_sequences})")
+        if not self.manager.is_running():
+            raise ModelFailure("the generation loop has stopped")
+        request_id = f"g{next(self._ids)}"
+        outputs: asyncio.Queue = asyncio.Queue()
+        self.manager.register_result_handler(request_id, outputs.put_nowait)
+        self._held += 1
+        finished = False
+        try:
+            self.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=params.max_new_tokens,
+                                     streaming=True, eos_token_id=self.eos_token_ids,
+                                     **sampling_kwargs(params.temperature, params.top_p, params.seed))
+            sent = 0
+            while not finished:
+                out = await outputs.get()
+                if out.error is not None:
+                    raise ModelFailure(f"generation failed: {out.error}")
+                finished = out.is_finished()
+                new = out.generated_tokens[sent:]
+                sent = len(out.generated_tokens)
+                reason = None
+                if finished:
+                    ended_on_eos = bool(out.generated_tokens) and out.generated_tokens[-1] in self.eos_token_ids
+                    reason = "stop" if ended_on_eos else "length"
+                if new or finished:
+                    yield TokenEvent(new, finished, reason)
+        finally:
+            self._held -= 1
+            if not finished:
+                self.manager.cancel_request(request_id)
+                with self.manager.output_router._lock:
+                    self.manager.output_router.result_handlers.pop(request_id, None)
+
+    # ------------------------------------------------------------------ state
+
+    def stats(self) -> GenerationStats:
+        processor = self.manager.batch_processor
+        if processor is None:
+            return GenerationStats(0, 0, self._held, 0.0)
+        scheduler = processor.scheduler
+        used = 1.0 - float(processor.cache.compute_free_capacity(relative=True))
+        running = len(scheduler.active_requests)
+        # Waiting: held here but not in the running batch (in the manager's queue or its scheduler's).
+        return GenerationStats(running, max(0, self._held - running), self._held, max(0.0, used))
+
+    def check_health(self) -> None:
+        status = self.manager.background_thread_status
+        if status.fatal_error is not None or not self.manager.is_running():
+            raise RuntimeError(f"generation loop is down: {status.fatal_error!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.budget.as_dict(), "max_running_sequences": self.max_running, "max_held_sequences": self.max_sequences,
+                "max_context_tokens": self.max_context_tokens}
+
+    def shutdown(self) -> None:
+        if self.manager.is_running():
+            self.manager.stop(block=True, timeout=10, hard_stop=True)

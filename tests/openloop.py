@@ -1,0 +1,137 @@
+"""A lean open-loop HTTP/1.1 load generator for overload tests (run as its own process).
+
+Arrivals are scheduled at a fixed rate whatever the server answers (open loop), so an overloaded
+server sees the load a real crowd would send, not a load that politely slows down with it. httpx
+costs about a millisecond of CPU per request, too much to offer ~1,000 req/s from a 2-core machine
+that also runs the server; this client writes pre-built request bytes over raw keep-alive
+connections (~50-100 us per request). Bounded: at most `max_connections` requests in flight (an
+arrival that finds none free is counted as `client_overflow`, not queued), every request has a
+deadline, and the run stops by itself.
+
+    python -m tests.openloop --url http://127.0.0.1:8000/v1/models/m:predict --rate 800 --duration 20 \
+        --body '{"instances": ["hi"]}' --out result.json
+
+Writes one JSON document: per request [t_sent_s, status, latency_s, retry_after] (status 0: reset,
+-1: timeout), and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from urllib.parse import urlsplit
+
+
+def _request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str | None, bool]:
+    """Status, Retry-After header, and whether the connection may be reused."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    else:
+        await reader.read()
+        return status, headers.get("retry-after"), False
+    return status, headers.get("retry-after"), headers.get("connection", "").lower() != "close"
+
+
+async def run(url: str, rate: float, duration_s: float, body: bytes, max_connections: int,
+              timeout_s: float) -> list[list]:
+    parts = urlsplit(url)
+    host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path
+    payload = _request_bytes(host, port, path, body)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    results: list[list] = []
+    in_flight = 0
+
+    async def one(t_sent: float) -> None:
+        nonlocal in_flight
+        conn = idle.pop() if idle else None
+        t0 = time.perf_counter()
+        try:
+            if conn is None:
+                conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+            reader, writer = conn
+            writer.write(payload)
+            status, retry_after, reuse = await asyncio.wait_for(_read_response(reader), timeout_s)
+            results.append([t_sent, status, time.perf_counter() - t0, retry_after])
+            if reuse:
+                idle.append(conn)
+            else:
+                writer.close()
+        except asyncio.TimeoutError:
+            results.append([t_sent, -1, time.perf_counter() - t0, None])
+            if conn is not None:
+                conn[1].close()
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            results.append([t_sent, 0, time.perf_counter() - t0, None])
+            if conn is not None:
+                conn[1].close()
+        finally:
+            in_flight -= 1
+
+    start = time.perf_counter()
+    tasks = []
+    i = 0
+    while True:
+        t = start + i / rate
+        if t - start >= duration_s:
+            break
+        delay = t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if in_flight >= max_connections:
+            results.append([t - start, "client_overflow", 0.0, None])
+        else:
+            in_flight += 1
+            tasks.append(asyncio.create_task(one(t - start)))
+        i += 1
+    await asyncio.gather(*tasks)
+    for _, writer in idle:
+        writer.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--rate", type=float, required=True, help="arrivals per second")
+    p.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
+    p.add_argument("--body", required=True, help="the JSON body of every request")
+    p.add_argument("--max-connections", type=int, default=1000)
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline (s)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    results = asyncio.run(run(a.url, a.rate, a.duration, a.body.encode(), a.max_connections, a.timeout))
+    with open(a.out, "w") as f:
+        json.dump({"rate": a.rate, "duration_s": a.duration, "results": results}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
