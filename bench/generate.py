@@ -78,7 +78,7 @@ async def run_continuous(engine: GenerationEngine, work) -> tuple[list[dict], fl
     return list(records), time.perf_counter() - t0
 
 
-async def run_static(model, work, max_batch: int, pad_id: int) -> tuple[list[dict], float]:
+async def run_static(model, work, max_batch: int, pad_id: int, device: str = "cpu") -> tuple[list[dict], float]:
     """Batches formed from whatever has arrived when the device frees, run to the longest member."""
     t0 = time.perf_counter()
     queue: asyncio.Queue = asyncio.Queue()
@@ -92,8 +92,8 @@ async def run_static(model, work, max_batch: int, pad_id: int) -> tuple[list[dic
 
     def generate(batch):
         width = max(len(p) for _, p, _ in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for _, p, _ in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p, _ in batch])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for _, p, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for _, p, _ in batch], device=device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max(n for *_, n in batch),
                                  eos_token_id=None, pad_token_id=pad_id)
