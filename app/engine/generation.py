@@ -65,7 +65,8 @@ class GenerationEngine:
     `max_sequences` requests are held at once (the rest of them wait for a place in the batch)."""
 
     def __init__(self, model: Any, eos_token_ids: list[int], budget: KVBudget, *, max_running: int,
-                 max_sequences: int, max_step_tokens: int, page_size: int = 32, max_context_tokens: int):
+                 max_sequences: int, max_step_tokens: int, page_size: int = 32, max_context_tokens: int,
+                 manager_options: Optional[dict[str, Any]] = None):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -89,6 +90,8 @@ class GenerationEngine:
             # is exactly the running sequences' (the metric and the budget mean what they say).
             allow_block_sharing=False,
             max_queue_size=0,  # the bound is ours (max_sequences), checked before the manager's queue
+            # Further ContinuousBatchingConfig fields (use_cuda_graph, ...): for benchmarks.
+            **(manager_options or {}),
         )
         self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         # Always argmax in the manager; temperature, top-p and the seeded noise come first (sampling.py).

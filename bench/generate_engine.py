@@ -1,0 +1,119 @@
+"""The generation engine alone, in this process (no HTTP, no Ray): time per output token (TPOT) of
+N concurrent greedy streams, for manager variants, beside `model.generate` of the same batch.
+Tells the served path's cost apart from the engine's, and which manager settings a device wants.
+
+    python -m bench.generate_engine --config bench/generate_h200.yaml --device cuda --dtype bfloat16 \\
+        --tokenizer DIR --variants kv=262144 kv=16384 kv=262144,graph=1 --out DIR
+
+A variant is comma-separated: kv=TOKENS (cache size), graph=0|1 (CUDA graphs; unset: the
+manager decides), running=N (max_running_sequences). Each stream: a --prompt-tokens prompt, then
+--new-tokens tokens; TPOT = (last token - first token) / (tokens - 1), median over the streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from app.config import ModelSpec
+from app.engine.generation import GenerationEngine, SamplingParams
+from app.kv_cache import KVBudget, kv_bytes_per_token
+
+
+async def tpot_ms(engine: GenerationEngine, streams: int, prompt: int, new: int) -> float:
+    async def one(i: int) -> float:
+        first = last = None
+        got = 0
+        async for ev in engine.stream([1000 + (i * 7 + j) % 20000 for j in range(prompt)],
+                                      SamplingParams(max_new_tokens=new)):
+            last = time.perf_counter()
+            first = first or last
+            got += len(ev.tokens)
+        return (last - first) * 1000.0 / max(1, got - 1)
+
+    times = sorted(await asyncio.gather(*(one(i) for i in range(streams))))
+    return times[len(times) // 2]
+
+
+def generate_tpot_ms(model, streams: int, prompt: int, new: int, device: str) -> float:
+    ids = torch.randint(1000, 20000, (streams, prompt), device=device)
+    run = lambda n: model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,  # noqa: E731
+                                   max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    with torch.no_grad():
+        run(4)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        run(1)
+        sync()
+        t1 = time.perf_counter()
+        run(new)
+        sync()
+        t2 = time.perf_counter()
+    return ((t2 - t1) - (t1 - t0)) * 1000.0 / (new - 1)  # the prefill taken out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="bench/generate_cpu.yaml")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--variants", nargs="+", default=["kv=32768"])
+    ap.add_argument("--streams", default="1,8,64")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    ns = ap.parse_args()
+    torch.set_num_threads(ns.threads)
+    raw = yaml.safe_load(Path(ns.config).read_text())["applications"][0]["args"]["models"][0]
+    if ns.tokenizer:
+        raw["source"]["tokenizer_path"] = str(Path(ns.tokenizer).resolve())
+    spec = ModelSpec.model_validate(raw)
+    from app.models.chat import GenerationText
+    from app.models.loader import build_backbone
+
+    text = GenerationText(spec)
+    model = build_backbone(spec, len(text), device=ns.device, dtype=getattr(torch, ns.dtype))
+    per_token = kv_bytes_per_token(model.config, getattr(torch, ns.dtype).itemsize)
+    streams = [int(s) for s in ns.streams.split(",")]
+    rows = []
+    print(f"{'variant':<28}" + "".join(f"{f'{n} streams':>12}" for n in streams) + "   (TPOT ms, median)", flush=True)
+    gen = {n: generate_tpot_ms(model, n, ns.prompt_tokens, ns.new_tokens, ns.device) for n in streams}
+    rows.append({"variant": "model.generate", "tpot_ms": gen})
+    print(f"{'model.generate':<28}" + "".join(f"{gen[n]:>12.2f}" for n in streams), flush=True)
+    g = spec.generation
+    for v in ns.variants:
+        opts = dict(kv.split("=") for kv in v.split(","))
+        tokens = int(opts.get("kv", g.kv_cache_max_tokens))
+        manager = {}
+        if "graph" in opts:
+            manager["use_cuda_graph"] = opts["graph"] == "1"
+        t0 = time.perf_counter()
+        engine = GenerationEngine(model, [-1], KVBudget(tokens, per_token, 0, 1.0, "bench"),
+                                  max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
+                                  max_step_tokens=g.max_step_tokens, page_size=g.page_size,
+                                  max_context_tokens=spec.max_seq_len, manager_options=manager)
+        asyncio.run(tpot_ms(engine, 4, 32, 16))  # warm-up (graph capture, kernels)
+        got = {n: asyncio.run(tpot_ms(engine, n, ns.prompt_tokens, ns.new_tokens)) for n in streams}
+        engine.shutdown()
+        rows.append({"variant": v, "tpot_ms": got, "setup_s": time.perf_counter() - t0})
+        print(f"{v:<28}" + "".join(f"{got[n]:>12.2f}" for n in streams), flush=True)
+        del engine
+        if ns.device == "cuda":
+            torch.cuda.empty_cache()
+    if ns.out:
+        Path(ns.out).mkdir(parents=True, exist_ok=True)
+        (Path(ns.out) / "engine.json").write_text(json.dumps({"args": vars(ns), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
