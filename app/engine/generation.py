@@ -133,6 +133,10 @@ class GenerationEngine:
             sent = 0
             while not finished:
                 out = await outputs.get()
+                # Outputs are cumulative: when this loop fell behind the manager's steps, one event
+                # carries every token since the last (fewer messages down the stream's hops).
+                while not outputs.empty() and out.error is None and not out.is_finished():
+                    out = outputs.get_nowait()
                 if out.error is not None:
                     raise ModelFailure(f"generation failed: {out.error}")
                 finished = out.is_finished()
