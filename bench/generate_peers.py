@@ -38,7 +38,7 @@ import yaml
 
 from app.config import ModelSpec
 from app.quantiles import percentile
-from bench.generate import run_static
+from bench.generate import plot_throughput_vs_ttft, run_static
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-model"
@@ -319,27 +319,8 @@ def main() -> int:
         out = Path(ns.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-        plot(rows, out / "throughput_vs_ttft.png")
+        plot_throughput_vs_ttft(rows, out / "throughput_vs_ttft.png")
     return 0
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["engine"] for r in rows):
-        pts = [r for r in rows if r["engine"] == name and r["ttft_p99_ms"] is not None]
-        ax.plot([r["ttft_p99_ms"] for r in pts], [r["output_tokens_per_s"] for r in pts], "o-", label=name)
-    ax.set_xlabel("TTFT p99 (ms)")
-    ax.set_ylabel("output tokens/s")
-    ax.set_xscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,38 @@ def v2_body(texts: list[str]) -> bytes:
 # ---------------------------------------------------------------------------------------- raw model
 
 
+def redeploy(doc: dict[str, Any], url: str, ready_path: str, timeout_s: float) -> float:
+    """Remove every application, deploy `doc`'s, and return the seconds until it is RUNNING and
+    `ready_path` answers 200 (a failed deploy raises at once; a timeout names each deployment's state)."""
+    import httpx
+    from ray import serve
+
+    from deployments.control import deploy_config
+
+    # Remove what runs first: during an in-place update the old replicas answer the readiness
+    # probe and then drain under the load, which would measure the switchover, not the config.
+    deploy_config({"applications": []})
+    while serve.status().applications:
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    deploy_config(doc)
+    name = doc["applications"][0]["name"]
+    while time.monotonic() - t0 < timeout_s:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"{name} failed to deploy: {app.message}")
+        if app is not None and app.status == "RUNNING":
+            try:
+                if httpx.get(url + ready_path, timeout=5).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.5)
+    app = serve.status().applications.get(name)
+    why = {d: (s.status, s.message[:300]) for d, s in app.deployments.items()} if app else "no status"
+    raise TimeoutError(f"{name} not ready after {timeout_s:.0f} s: {why}")
+
+
 class Served:
     """A Ray + Serve instance with HAProxy direct ingress; deploys whole configs and measures them."""
 
@@ -86,32 +118,7 @@ class Served:
         self.hey, self.duration_s = hey, duration_s
 
     def deploy(self, doc: dict[str, Any], ready_path: str, timeout_s: float = 600) -> float:
-        import httpx
-
-        from deployments.control import deploy_config
-
-        from ray import serve
-
-        # Remove what runs first: during an in-place update the old replicas answer the readiness
-        # probe and then drain under the load, which would measure the switchover, not the config.
-        deploy_config({"applications": []})
-        while serve.status().applications:
-            time.sleep(0.5)
-        t0 = time.monotonic()
-        deploy_config(doc)
-        name = doc["applications"][0]["name"]
-        while time.monotonic() - t0 < timeout_s:
-            app = serve.status().applications.get(name)
-            if app is not None and app.status == "DEPLOY_FAILED":
-                raise RuntimeError(f"{name} failed to deploy: {app.message}")
-            if app is not None and app.status == "RUNNING":
-                try:
-                    if httpx.get(self.url + ready_path, timeout=5).status_code == 200:
-                        return time.monotonic() - t0
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{doc['applications'][0]['name']} not ready after {timeout_s:.0f} s")
+        return redeploy(doc, self.url, ready_path, timeout_s)
 
     def load(self, path: str, body: bytes, concurrency: int, items: int, probe: bool = False) -> dict[str, Any]:
         """`probe`: also sample batch sizes, queue waits and GPU utilisation during the run (bench/probe.py)."""

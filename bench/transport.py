@@ -17,13 +17,11 @@ against older checkouts too, which lack the rest of `bench/`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -57,34 +55,9 @@ def config_doc(root: Path, row: str, tokenizer: str | None) -> dict[str, Any]:
 
 
 def deploy(doc: dict[str, Any], url: str, timeout_s: float = 180) -> float:
-    import httpx
-    from ray import serve
-    from ray.serve.schema import ServeDeploySchema
+    from bench.harness import redeploy
 
-    client = serve.context._get_global_client()
-    client.deploy_apps(ServeDeploySchema.model_validate({"applications": []}))
-    while serve.status().applications:
-        time.sleep(0.5)
-    t0 = time.monotonic()
-    doc = copy.deepcopy(doc)
-    doc.pop("http_options", None)
-    doc.pop("proxy_location", None)
-    client.deploy_apps(ServeDeploySchema.model_validate(doc))
-    name = doc["applications"][0]["name"]
-    while time.monotonic() - t0 < timeout_s:
-        app = serve.status().applications.get(name)
-        if app is not None and app.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"{name} failed to deploy: {app.message}")
-        if app is not None and app.status == "RUNNING":
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.5)
-    app = serve.status().applications.get(name)
-    why = {d: (s.status, s.message[:300]) for d, s in app.deployments.items()} if app else "no status"
-    raise TimeoutError(f"{name} not ready after {timeout_s:.0f} s: {why}")
+    return redeploy(doc, url, "/v2/health/ready", timeout_s)
 
 
 def hey(hey_bin: str, url: str, body: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
