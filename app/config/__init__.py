@@ -13,11 +13,11 @@ from pydantic import ValidationError
 
 from app.config.application import AppArgs, CostConfig, GatherOptions, IngressOptions
 from app.config.model import ModelSpec
-from app.config.sections import (AccelerationConfig, AutoscalingOptions, BatchingConfig, DeploymentOptions,
+from app.config.sections import (AccelerationConfig, AutoscalingOptions, BackendOptions, BatchingConfig, DeploymentOptions,
                                  DeviceBudget, GenerationOptions, LimitsConfig, LocalDirSource, PackagedSource,
                                  ParallelConfig, RandomInitSource)
 
-__all__ = ["AccelerationConfig", "AppArgs", "AutoscalingOptions", "BatchingConfig", "ConfigError", "CostConfig",
+__all__ = ["AccelerationConfig", "AppArgs", "AutoscalingOptions", "BackendOptions", "BatchingConfig", "ConfigError", "CostConfig",
            "DeploymentOptions", "DeviceBudget", "GatherOptions", "GenerationOptions", "IngressOptions", "LimitsConfig",
            "LocalDirSource", "ModelSpec", "PackagedSource", "ParallelConfig", "RandomInitSource", "parse_app_args"]
 

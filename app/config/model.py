@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from app.config.sections import (AccelerationConfig, AutoscalingOptions, BatchingConfig, DeploymentOptions,
+from app.config.sections import (AccelerationConfig, AutoscalingOptions, BackendOptions, BatchingConfig, DeploymentOptions,
                                  GenerationOptions, LimitsConfig, ModelSource, ParallelConfig, RandomInitSource,
                                  _Strict)
 
@@ -27,6 +28,7 @@ class ModelSpec(_Strict):
     autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions)
     acceleration: AccelerationConfig = Field(default_factory=AccelerationConfig)
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
+    backend: BackendOptions = Field(default_factory=BackendOptions)
 
     @field_validator("labels")
     @classmethod
@@ -46,6 +48,12 @@ class ModelSpec(_Strict):
                 )
         if self.task == "generate":
             self._check_generator()
+        if self.backend.kind != "torch":
+            if self.task == "generate":
+                raise ValueError(f"backend: {self.backend.kind!r} runs encoders (embed, classify); a generator runs on torch")
+            if self.parallel.strategy in ("deepspeed_tp", "fairscale_pp"):
+                raise ValueError(f"backend: {self.backend.kind!r} runs a whole model in one process; "
+                                 f"parallel.strategy {self.parallel.strategy!r} needs backend torch")
         if isinstance(self.source, RandomInitSource):
             max_pos = self.source.config.get("max_position_embeddings")
             if max_pos is not None and self.max_seq_len > int(max_pos):
@@ -82,6 +90,12 @@ class ModelSpec(_Strict):
         if self.prompt_token_limit() + g.max_new_tokens > self.max_seq_len:
             raise ValueError(f"generation: max_prompt_tokens ({g.max_prompt_tokens}) + max_new_tokens "
                              f"({g.max_new_tokens}) exceeds max_seq_len ({self.max_seq_len}), the context")
+
+    def intra_op_threads(self, cpu_count: int) -> int:
+        """Threads of the model's forward: torch_threads if set, else the replica's CPU share."""
+        if self.deployment.torch_threads:
+            return self.deployment.torch_threads
+        return max(1, min(cpu_count, math.ceil(self.deployment.num_cpus)))
 
     def prompt_token_limit(self) -> int:
         g = self.generation

@@ -87,7 +87,9 @@ class DeploymentOptions(_Strict):
     num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
-    # Intra-op threads for CPU inference; None lets torch decide.
+    # Intra-op threads of the model's backend (torch, ONNX Runtime or OpenVINO). None: the
+    # replica's CPU share (num_cpus rounded up, at least 1), so replicas sharing a host do not
+    # oversubscribe it.
     torch_threads: Optional[int] = Field(None, ge=1)
     # Words whose ids a replica keeps for BERT-style (WordPiece) tokenizers: ASCII texts are then
     # tokenised in Python from this cache and the Rust model (app/models/wordpiece.py), 5-12x cheaper
@@ -203,6 +205,30 @@ class AccelerationConfig(_Strict):
         if not v or any(b < 1 for b in v):
             raise ValueError("buckets must be a non-empty list of positive integers")
         return sorted(set(v))
+
+
+BackendKind = Literal["torch", "onnxruntime", "openvino", "auto"]
+
+
+class BackendOptions(_Strict):
+    """What runs an encoder model's forward (`embed`, `classify`) on the CPU: PyTorch eager, or an
+    ONNX export of the same model run by ONNX Runtime or OpenVINO (README "CPU backends"). `auto`
+    times each installed one on warm batches at start and keeps the fastest; on CUDA it is torch.
+    `backend: openvino` is shorthand for `backend: {kind: openvino}`."""
+
+    kind: BackendKind = "torch"
+    # Where exports are kept, keyed by the model's content hash and the exporter's version, so a
+    # second start (a new replica) skips the export. None: $BATCHSERVE_EXPORT_CACHE, else
+    # ~/.cache/batchserve/exports.
+    cache_dir: Optional[str] = None
+    # A backend whose outputs differ from PyTorch's (fp32) by more than this on the start-up probe
+    # batches is refused, and the model falls back to torch.
+    tolerance: float = Field(1e-4, gt=0, le=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
 
 
 class GenerationOptions(_Strict):

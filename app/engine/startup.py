@@ -26,8 +26,9 @@ def tune_process(spec: ModelSpec, environ: Mapping[str, str] = os.environ) -> in
     """Torch threads, and the GIL switch interval an operator set in the replica's environment
     (`runtime_env.env_vars`); returns the torch threads. The tokenizer pool reads its own variables
     (RAYON_NUM_THREADS, TOKENIZERS_PARALLELISM) when it first starts."""
-    threads = spec.deployment.torch_threads or os.cpu_count() or 1
-    # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; say explicitly what we want.
+    threads = spec.intra_op_threads(os.cpu_count() or 1)
+    # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; say explicitly what we want. The ONNX
+    # backends take the same figure (app/backends/).
     torch.set_num_threads(threads)
     raw = environ.get(GIL_SWITCH_ENV)
     if raw:

@@ -8,6 +8,15 @@ from app.runners.base import ModelRunner
 
 
 def make_runner(spec: ModelSpec, vocab_size: int, plan: ParallelPlan) -> ModelRunner:
+    if spec.backend.kind != "torch":
+        if plan.strategy != "replicated":
+            from app.models.loader import ModelLoadError
+
+            raise ModelLoadError(f"backend: {spec.backend.kind!r} runs a model that fits one process, and the plan "
+                                 f"for this one is {plan.strategy}: serve it with backend torch")
+        from app.runners.exported import BackendRunner
+
+        return BackendRunner(spec, vocab_size)
     if plan.strategy == "replicated":
         from app.runners.local import LocalRunner
 
