@@ -25,6 +25,7 @@ from app.backends.onnx_export import EXPORTER, export_onnx
 from app.config import ModelSpec
 from app.models.loader import ModelLoadError
 from app.runners.base import ModelRunner
+from app.runners.length_groups import run_length_grouped
 from app.runners.local import LocalRunner
 
 logger = logging.getLogger("ray.serve")
@@ -65,6 +66,7 @@ class BackendRunner(ModelRunner):
         self.timings_ms: dict[str, float] = {}
         self.threads = spec.intra_op_threads(os.cpu_count() or 1)
         self._forward: Forward | None = None
+        self.length_groups = True  # as the torch runner does on the CPU (app/runners/length_groups.py)
 
     # ------------------------------------------------------------------ start
 
@@ -78,7 +80,7 @@ class BackendRunner(ModelRunner):
             self.reason = f"picked torch (device {self.reference.device})"
             self._log()
             return
-        wanted = BACKENDS if kind == "auto" else (kind,)
+        wanted = BACKENDS if kind == "auto" else () if kind == "torch" else (kind,)
         engines, refused = self._open(wanted)
         probe = probe_batches(self.spec, self.vocab_size)[1]
         if kind == "auto":
@@ -99,8 +101,10 @@ class BackendRunner(ModelRunner):
         log("model %s: backend %s (asked %s, %d threads): %s", self.spec.name, self.backend,
             self.spec.backend.kind, self.threads, self.reason)
 
+    @torch.inference_mode()
     def _torch_forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.reference.infer(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        """Torch on the whole batch as given (no length groups), as the backends are timed and checked."""
+        return self.reference._cpu_forward(ids, mask)
 
     def _open(self, wanted: tuple[str, ...]) -> tuple[dict[str, Forward], dict[str, str]]:
         engines: dict[str, Forward] = {}
@@ -108,7 +112,7 @@ class BackendRunner(ModelRunner):
         missing = [n for n in wanted if installed(n) is None]
         for name in missing:
             refused[name] = f"not installed ({INSTALL_HINT})"
-        if len(missing) == len(wanted):
+        if len(missing) == len(wanted):  # nothing to export for (torch only, or no backend installed)
             return engines, refused
         model = self.reference.model
         assert model is not None
@@ -180,7 +184,9 @@ class BackendRunner(ModelRunner):
             return self.reference.infer(input_ids, attention_mask)
         ids = input_ids.numpy().astype(np.int64, copy=False)
         mask = attention_mask.numpy().astype(np.int64, copy=False)
-        return torch.from_numpy(self._forward(ids, mask))
+        if not self.length_groups:
+            return torch.from_numpy(self._forward(ids, mask))
+        return torch.from_numpy(run_length_grouped(self._forward, ids, mask))
 
     def check_health(self) -> None:
         if self._forward is None:

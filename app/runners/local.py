@@ -6,12 +6,14 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.config import ModelSpec
 from app.models.compiled import compile_blocks, fuse_qkv
 from app.models.loader import build_backbone, resolve_device, resolve_dtype, wrap_head
 from app.runners.base import ModelRunner
+from app.runners.length_groups import run_length_grouped
 from app.runners.cuda_graphs import GraphedForward, default_batch_buckets, default_seq_buckets, to_host
 
 logger = logging.getLogger("ray.serve")
@@ -29,6 +31,8 @@ class LocalRunner(ModelRunner):
         self.output_dim: int | None = None
         self.graphs: GraphedForward | None = None
         self._warned_eager = False
+        # CPU batches of uneven texts run as sub-batches of similar length (app/runners/length_groups.py).
+        self.length_groups = True
 
     def start(self) -> None:
         self.model = wrap_head(self.spec, build_backbone(self.spec, self.vocab_size, self.device, self.dtype))
@@ -87,10 +91,15 @@ class LocalRunner(ModelRunner):
                                "up to %d and sequences up to %d at start; restart the replicas to capture "
                                "larger ones", self.spec.name, tuple(input_ids.shape), self.graphs.batch_buckets[-1],
                                self.graphs.seq_buckets[-1])
+        if self.device.type == "cpu" and self.length_groups:
+            return torch.from_numpy(run_length_grouped(self._cpu_forward, input_ids.numpy(), attention_mask.numpy()))
         non_blocking = self.device.type == "cuda"
         ids = input_ids.to(self.device, non_blocking=non_blocking)
         mask = attention_mask.to(self.device, non_blocking=non_blocking)
         return to_host(self.model(ids, mask), self.spec.acceleration.blocking_sync)
+
+    def _cpu_forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
     def check_health(self) -> None:
         if self.model is None:
@@ -107,6 +116,7 @@ class LocalRunner(ModelRunner):
     def describe(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
+            "backend": "torch",
             "devices": [str(self.device)],
             "dtype": str(self.dtype).removeprefix("torch."),
             "output_dim": self.output_dim,

@@ -188,3 +188,38 @@ def test_probe_outputs_are_what_the_runner_checks(tmp_path):
     assert shapes == [(1, 5), (8, 33), (2, 128)]
     ids, mask = probe_batches(spec, 30522)[2]
     assert mask[-1, 64:].sum() == 0 and np.all(ids[-1, 64:] == 0)
+
+
+def test_length_groups_cut_where_padding_costs_more_than_a_call():
+    from app.runners.length_groups import plan_groups, run_length_grouped
+
+    assert plan_groups(np.array([17] * 16 + [12] * 16)) == [(0, 16), (16, 32)]
+    assert plan_groups(np.array([9, 9, 8, 8])) == [(0, 4)]  # same 8-token grain: one call
+    assert plan_groups(np.array([20, 19])) == [(0, 2)]  # 2 padded tokens are cheaper than a call
+    assert plan_groups(np.array([128] + [10] * 31)) == [(0, 1), (1, 32)]
+    assert plan_groups(np.array([], dtype=np.int64)) == [(0, 0)]
+
+    calls = []
+
+    def forward(ids, mask):
+        calls.append(ids.shape)
+        assert mask[:, -1].all()  # each group trimmed to its own longest row
+        return (ids * mask).sum(axis=1, keepdims=True).astype(np.float32)
+
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([5, 60], size=24)
+    mask = (np.arange(60) < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, 100, size=(24, 60)) * mask
+    out = run_length_grouped(forward, ids, mask)
+    assert sorted(calls) == sorted([(int((lengths == 60).sum()), 60), (int((lengths == 5).sum()), 5)])
+    assert np.array_equal(out[:, 0], (ids * mask).sum(axis=1))  # each row's output back in its place
+
+
+def test_torch_on_the_cpu_runs_length_groups_with_the_same_outputs():
+    spec = ModelSpec.model_validate(minilm_doc("torch"))
+    runner = LocalRunner(spec, 30522)
+    runner.start()
+    ids, mask = _batch(16, 64, 5)
+    grouped = runner.infer(ids, mask)
+    runner.length_groups = False
+    assert float((grouped - runner.infer(ids, mask)).abs().max()) <= 1e-5
