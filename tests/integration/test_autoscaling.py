@@ -35,6 +35,9 @@ def scaling_url(base_url, request):
                      "upscale_delay_s": 0.5, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
                      "look_back_period_s": 2, "policy": request.param, "target_queue_wait_ms": 50,
                      "max_queued_requests": -1},  # about scaling: every request waits and is answered
+        # A fixed 20 ms per batch, so the 8 clients' items queue in the replicas whatever this host's
+        # speed: a tiny model on one thread answered so fast that the queue signal asked for only 2.
+        faults={"batch_delay_s": 0.02},
     )
     with extra_app(base_url, app_entry("scaling", [scaler])) as url:
         yield url

@@ -29,7 +29,7 @@ def test_dockerfile_builds_the_image_the_rayservice_names(tmp_path):
 
     docker = (ROOT / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0-py311" in docker
-    assert "pip install --no-cache-dir /srv/batchserve" in docker
+    assert 'pip install --no-cache-dir "/srv/batchserve[cpu]"' in docker
     names = build_wheel(tmp_path)
     assert "deployments/builder.py" in names and "app/config/__init__.py" in names
     tops = {n.split("/")[0] for n in names}
