@@ -63,8 +63,6 @@ def ort_optimize(onnx_path: Path, model_type: str, out: Path) -> None:
 
 
 class OnnxRuntimeEncoder:
-    name = "onnxruntime"
-
     def __init__(self, onnx_path: Path, threads: int, slots: int):
         import onnxruntime as ort
 
@@ -80,15 +78,12 @@ class OnnxRuntimeEncoder:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sessions.append(ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"]))
         self._pool = _Pool(sessions)
-        self.threads = per_slot * slots
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self._pool.run(lambda s: s.run(None, {"input_ids": ids, "attention_mask": mask})[0])
 
 
 class OpenVinoEncoder:
-    name = "openvino"
-
     def __init__(self, onnx_path: Path, threads: int, slots: int):
         import openvino as ov
 
@@ -105,7 +100,6 @@ class OpenVinoEncoder:
         }
         self._compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
         self._pool = _Pool([self._compiled.create_infer_request() for _ in range(slots)])
-        self.threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         def run(req) -> np.ndarray:

@@ -116,8 +116,7 @@ class BackendRunner(ModelRunner):
             return engines, refused
         model = self.reference.model
         assert model is not None
-        config_json = json.dumps(model.encoder.config.to_dict() if hasattr(model, "encoder")
-                                 else model.classifier.config.to_dict(), sort_keys=True, default=str)
+        config_json = json.dumps(self._hf_config().to_dict(), sort_keys=True, default=str)
         cache = ExportCache(cache_root(self.spec.backend.cache_dir), self.spec.name,
                             content_key(model, config_json, EXPORTER))
         batches = probe_batches(self.spec, self.vocab_size)
