@@ -32,7 +32,7 @@ ROUTER_OPTIONS: dict[str, Any] = {
 }
 
 
-def model_deployment_options(spec: ModelSpec, plan: ParallelPlan) -> dict[str, Any]:
+def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int = 1) -> dict[str, Any]:
     d = spec.deployment
     gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
     options: dict[str, Any] = {
@@ -48,7 +48,7 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan) -> dict[str, A
         **ROUTER_OPTIONS,
     }
     a = spec.autoscaling
-    options["max_queued_requests"] = spec.effective_max_queued_requests()
+    options["max_queued_requests"] = spec.effective_max_queued_requests(callers)
     options.update(SHED_OPTIONS)
     if a.enabled:
         options.pop("num_replicas")
@@ -120,7 +120,7 @@ def build_app(raw_args: dict[str, Any]) -> Application:
             raise ValueError(f"models[{i}].name: {INGRESS_NAME!r} is reserved for the HTTP ingress")
         plan, vocab = _plan(spec, i)
         vocab_sizes[spec.name] = int(build_config(spec, vocab).vocab_size)
-        options = model_deployment_options(spec, plan)
+        options = model_deployment_options(spec, plan, callers=args.ingress.num_replicas)
         if spec.task == "generate":
             handles[spec.name] = serve.deployment(GeneratorServer).options(**options).bind(spec, plan, args.cost)
         else:

@@ -10,6 +10,7 @@ deadline, and the run stops by itself.
 
     python -m tests.openloop --url http://127.0.0.1:8000/v1/models/m:predict --rate 800 --duration 20 \
         --body '{"instances": ["hi"]}' --out result.json
+    python -m tests.openloop --url http://127.0.0.1:8000/v2/health/live --closed 64 --duration 4 --out floor.json
 
 Writes one JSON document: per request [t_sent_s, status, latency_s, retry_after] (status 0: reset,
 -1: timeout), and the settings.
@@ -25,7 +26,9 @@ import time
 from urllib.parse import urlsplit
 
 
-def _request_bytes(host: str, port: int, path: str, body: bytes) -> bytes:
+def _request_bytes(host: str, port: int, path: str, body: bytes | None) -> bytes:
+    if body is None:
+        return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
@@ -64,16 +67,36 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
     results: list[list] = []
     in_flight = 0
 
+    async def exchange(conn) -> tuple[int, str | None, bool]:
+        reader, writer = conn
+        writer.write(payload)
+        return await _read_response(reader)
+
     async def one(t_sent: float) -> None:
         nonlocal in_flight
-        conn = idle.pop() if idle else None
+        conn = None
+        while idle and conn is None:
+            conn = idle.pop()
+            if conn[0].at_eof():  # the server closed it while idle (keep-alive timeout)
+                conn[1].close()
+                conn = None
         t0 = time.perf_counter()
         try:
             if conn is None:
                 conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-            reader, writer = conn
-            writer.write(payload)
-            status, retry_after, reuse = await asyncio.wait_for(_read_response(reader), timeout_s)
+                status, retry_after, reuse = await asyncio.wait_for(exchange(conn), timeout_s)
+            else:
+                try:
+                    status, retry_after, reuse = await asyncio.wait_for(exchange(conn), timeout_s)
+                except (ConnectionError, asyncio.IncompleteReadError) as e:
+                    # An idle connection the server closed as we reused it: no byte of an answer
+                    # came, so the request never ran; send it once on a new connection, as HTTP
+                    # clients do (RFC 9112 9.3.1), instead of counting the race as a reset.
+                    if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                        raise
+                    conn[1].close()
+                    conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+                    status, retry_after, reuse = await asyncio.wait_for(exchange(conn), timeout_s)
             results.append([t_sent, status, time.perf_counter() - t0, retry_after])
             if reuse:
                 idle.append(conn)
@@ -112,12 +135,39 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
     return results
 
 
+async def closed(url: str, connections: int, duration_s: float, body: bytes | None) -> list[list]:
+    """`connections` clients, each sending its next request as soon as its last is answered (GET
+    when `body` is None): the most the server answers at that concurrency."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    payload = _request_bytes(host, port, parts.path, body)
+    results: list[list] = []
+    start = time.perf_counter()
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while (t0 := time.perf_counter()) - start < duration_s:
+                writer.write(payload)
+                status, retry_after, reuse = await _read_response(reader)
+                results.append([t0 - start, status, time.perf_counter() - t0, retry_after])
+                if not reuse:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True)
-    p.add_argument("--rate", type=float, required=True, help="arrivals per second")
+    p.add_argument("--rate", type=float, help="arrivals per second (open loop)")
+    p.add_argument("--closed", type=int, metavar="N", help="instead of --rate: N clients back to back (closed loop)")
     p.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
-    p.add_argument("--body", required=True, help="the JSON body of every request")
+    p.add_argument("--body", help="the JSON body of every request (POST); left out: GET")
     p.add_argument("--max-connections", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline (s)")
     p.add_argument("--out", required=True)
@@ -127,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    results = asyncio.run(run(a.url, a.rate, a.duration, a.body.encode(), a.max_connections, a.timeout))
+    if (a.rate is None) == (a.closed is None):
+        p.error("give exactly one of --rate and --closed")
+    body = None if a.body is None else a.body.encode()
+    if a.closed:
+        results = asyncio.run(closed(a.url, a.closed, a.duration, body))
+    else:
+        results = asyncio.run(run(a.url, a.rate, a.duration, body, a.max_connections, a.timeout))
     with open(a.out, "w") as f:
         json.dump({"rate": a.rate, "duration_s": a.duration, "results": results}, f)
     return 0

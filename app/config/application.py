@@ -127,7 +127,7 @@ class AppArgs(_Strict):
             return self.ingress.max_ongoing_requests
         total = 0
         for m in self.models:
-            queued = m.effective_max_queued_requests()
+            queued = m.effective_max_queued_requests(self.ingress.num_replicas)
             if queued < 0:  # an unbounded model queue: the ingress bound is the only one left
                 return 1000
             total += m.effective_max_ongoing_requests() * m.max_replicas() + queued

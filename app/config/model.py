@@ -120,15 +120,19 @@ class ModelSpec(_Strict):
             return self.deployment.max_ongoing_requests
         return max(self.min_ongoing_requests * 2, 8)
 
-    def effective_max_queued_requests(self) -> int:
-        """Requests each caller holds for this model beyond what its replicas hold: one replica's
-        worth. Serve counts a request as queued until a replica is picked for it, so a burst that
-        free replicas could take at once still passes through this queue; a bound below a replica's
-        capacity would shed such bursts while replicas sit idle (README "Admission"). -1: unbounded."""
+    def effective_max_queued_requests(self, callers: int = 1) -> int:
+        """Requests each of `callers` (the ingress replicas) holds for this model beyond what its
+        replicas hold: one replica's worth in all. Serve counts a request as queued until a replica
+        is picked for it, so a burst that free replicas could take at once still passes through
+        this queue; a bound below a replica's capacity would shed such bursts while replicas sit
+        idle (README "Admission"). Serve bounds the queue at each caller, and HAProxy spreads a
+        burst over the callers, so the bound is split between them, down to one batch each (more
+        callers would otherwise multiply the queue, and the wait of the requests at its back).
+        -1: unbounded."""
         q = self.autoscaling.max_queued_requests
         if q is not None:
             return q
-        return self.effective_max_ongoing_requests()
+        return max(self.batching.max_batch_size, math.ceil(self.effective_max_ongoing_requests() / max(1, callers)))
 
     def max_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling.enabled else self.deployment.num_replicas

@@ -127,6 +127,21 @@ def test_derived_admission_bounds_take_a_burst_of_idle_capacity_and_turn_away_th
     assert unbounded.ingress_max_ongoing_requests() == 1000
 
 
+def test_the_handle_queue_is_split_between_ingress_replicas_down_to_one_batch():
+    """Serve bounds the queue at each caller: three ingress replicas hold one replica's worth in
+    all, not three, and each still holds a full batch."""
+    spec = tiny_bert_spec(batching={"max_batch_size": 4}, autoscaling={})  # the derived bounds
+    one = parse_app_args({"models": [spec]}).models[0]
+    assert one.effective_max_queued_requests() == 8
+    assert one.effective_max_queued_requests(2) == 4
+    assert one.effective_max_queued_requests(3) == 4  # ceil(8/3) = 3 < one batch
+    from app.planner import plan_model
+    assert model_deployment_options(one, plan_model(one), callers=2)["max_queued_requests"] == 4
+    two = parse_app_args({"models": [spec], "ingress": {"num_replicas": 2}})
+    held = one.effective_max_ongoing_requests() * one.max_replicas() + 4
+    assert two.ingress_max_ongoing_requests() == max(64, 2 * held)
+
+
 def test_generation_config_is_valid_and_bad_generators_are_named():
     gen = yaml.safe_load((ROOT / "serve_config.generate.yaml").read_text())["applications"][0]["args"]
     spec = parse_app_args(gen).models[0]

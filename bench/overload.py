@@ -1,0 +1,231 @@
+"""Issue #17's overload protocol against a served config: capacity (closed loop), half load and
+10x capacity (open loop), recovery after the storm. The acceptance test
+(tests/integration/test_overload.py) runs `measure` against the test cluster; this entry point
+runs it against `serve_config.yaml` on the machine it is started on, so the figure can be taken
+where the load generator does not have to share the server's two cores.
+
+    RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 python -m bench.overload \
+        [--config serve_config.yaml] [--tokenizer DIR] [--generators 2] [--out DIR]
+
+--tokenizer DIR serves minilm as random weights of the same shape (MiniLM-L6: hidden 384, 6 layers)
+with the tokenizer files in DIR, for machines without the packaged model (the GPU box: the weights
+do not fit what travels there). The compute per request is the same; the outputs are not.
+
+Prints one table and writes overload.json under --out (default $OUT, else the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PATH = "/v1/models/minilm:predict"
+BODY = json.dumps({"instances": ["The quick brown fox jumps over the lazy dog and keeps running."]})
+MINILM_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
+
+
+def quantile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[int(q * (len(v) - 1))] if v else float("nan")
+
+
+async def closed_loop_rate(url: str, path: str, body: str, seconds: float, concurrency: int) -> float:
+    """Answered-200 requests per second of `concurrency` clients posting `body` back to back."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        async def client():
+            nonlocal done
+            while time.perf_counter() < deadline:
+                r = await c.post(path, content=body, headers={"content-type": "application/json"})
+                done += r.status_code == 200
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done / seconds
+
+
+def open_loop(url: str, rate: float, seconds: float, workdir: Path, generators: int = 1,
+              timeout_s: float = 30.0, path: str = PATH, body: str = BODY) -> list[list]:
+    """tests/openloop.py in `generators` processes of rate/generators each (their own cores and
+    GILs, as real clients would be); their results merged."""
+    procs, outs = [], []
+    for i in range(generators):
+        out = workdir / f"openloop_{rate:.0f}_{i}.json"
+        outs.append(out)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.openloop", "--url", url + path, "--rate", str(rate / generators),
+             "--duration", str(seconds), "--body", body, "--timeout", str(timeout_s), "--out", str(out)],
+            cwd=ROOT))
+    for p in procs:
+        if p.wait(timeout=seconds + timeout_s + 60) != 0:
+            raise RuntimeError(f"open-loop generator exited {p.returncode}")
+    return [row for out in outs for row in json.loads(out.read_text())["results"]]
+
+
+def summarize(results: list[list]) -> dict[str, Any]:
+    statuses = [s for _, s, _, _ in results]
+    accepted = [lat for _, s, lat, _ in results if s == 200]
+    rejected = [(s, lat, ra) for _, s, lat, ra in results if s != 200]
+    shed = [lat for s, lat, ra in rejected if s == 503 and ra]
+    counts: dict[str, int] = {}
+    for s in statuses:
+        counts[str(s)] = counts.get(str(s), 0) + 1
+    return {"requests": len(results), "counts": counts, "accepted": len(accepted), "rejected": len(rejected),
+            "shed_503_retry_after": len(shed),
+            "accepted_p50_ms": quantile(accepted, 0.5) * 1e3, "accepted_p99_ms": quantile(accepted, 0.99) * 1e3,
+            "shed_p50_ms": quantile(shed, 0.5) * 1e3, "shed_p99_ms": quantile(shed, 0.99) * 1e3,
+            "other_5xx": sum(1 for s in statuses if isinstance(s, int) and s >= 500 and s != 503),
+            "hung": statuses.count(-1), "resets": statuses.count(0), "client_overflow": statuses.count("client_overflow")}
+
+
+def recovery_s(url: str, fast_s: float, timeout_s: float = 30.0, path: str = PATH, body: str = BODY) -> float:
+    """Seconds from now until a good request is answered 200 within `fast_s`."""
+    t_stop = time.perf_counter()
+    while time.perf_counter() - t_stop < timeout_s:
+        t0 = time.perf_counter()
+        try:
+            ok = httpx.post(url + path, content=body, headers={"content-type": "application/json"},
+                            timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok and time.perf_counter() - t0 < fast_s:
+            return time.perf_counter() - t_stop
+        time.sleep(0.2)
+    return float("inf")
+
+
+def http_floor(url: str, workdir: Path, generators: int = 1, seconds: float = 4.0,
+               connections: int = 64) -> float:
+    """Requests per second the HTTP layer answers for a route that does no model work
+    (`GET /v2/health/live`, raw-socket clients): the most any load can be answered at, shed or
+    not, on this machine with these clients."""
+    procs, outs = [], []
+    for i in range(generators):
+        out = workdir / f"floor_{i}.json"
+        outs.append(out)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.openloop", "--url", url + "/v2/health/live", "--closed",
+             str(connections // generators), "--duration", str(seconds), "--out", str(out)], cwd=ROOT))
+    for p in procs:
+        if p.wait(timeout=seconds + 60) != 0:
+            raise RuntimeError(f"closed-loop client exited {p.returncode}")
+    rows = [row for out in outs for row in json.loads(out.read_text())["results"]]
+    return sum(1 for row in rows if row[1] == 200) / seconds
+
+
+def capacity_rps(url: str, clients: int = 16) -> float:
+    asyncio.run(closed_loop_rate(url, PATH, BODY, 2.0, clients))  # warm
+    return asyncio.run(closed_loop_rate(url, PATH, BODY, 6.0, clients))
+
+
+def measure(url: str, workdir: Path, capacity: float, generators: int = 1) -> dict[str, Any]:
+    """The protocol after the capacity: half load for 10 s, 10x for 20 s, recovery."""
+    half = summarize(open_loop(url, capacity / 2, 10.0, workdir, generators))
+    ten = summarize(open_loop(url, 10 * capacity, 20.0, workdir, generators))
+    fast_s = max(1.0, 3 * half["accepted_p99_ms"] / 1e3)
+    return {"capacity_rps": capacity, "offered_10x_rps": 10 * capacity, "half": half, "ten": ten,
+            "recovered_s": recovery_s(url, fast_s)}
+
+
+def without_packaged_model(config: dict[str, Any], tokenizer: str) -> dict[str, Any]:
+    """minilm as random weights of its shape, and every model's tokenizer read from `tokenizer`
+    (random_init sources default to the packaged model's tokenizer)."""
+    for app in config["applications"]:
+        for model in app["args"]["models"]:
+            if model["name"] == "minilm":
+                model["source"] = {"kind": "random_init", "architecture": "bert", "seed": 0, "config": MINILM_SHAPE}
+            if model["source"]["kind"] == "random_init":
+                model["source"]["tokenizer_path"] = tokenizer
+    return config
+
+
+def print_table(r: dict[str, Any]) -> None:
+    h, t = r["half"], r["ten"]
+    print(f"\ningress replicas {r['ingress_replicas']}, max_queue_wait_ms {r['max_queue_wait_ms']}")
+    print(f"HTTP floor (no model work): {r['http_floor_rps']:.0f} req/s; capacity {r['capacity_rps']:.1f} req/s; "
+          f"10x offered {r['offered_10x_rps']:.0f} req/s with {r['generators']} generator process(es)")
+    print("| load | requests | accepted | p50 / p99 accepted ms | 503+Retry-After | 503 p99 ms | other |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in (("half", h), ("10x", t)):
+        other = {k: v for k, v in s["counts"].items() if k not in ("200", "503")}
+        print(f"| {name} | {s['requests']} | {s['accepted']} | {s['accepted_p50_ms']:.0f} / {s['accepted_p99_ms']:.0f} "
+              f"| {s['shed_503_retry_after']} | {s['shed_p99_ms']:.0f} | {other or '-'} |")
+    ratio = t["accepted_p99_ms"] / h["accepted_p99_ms"] if h["accepted_p99_ms"] else float("nan")
+    print(f"accepted p99 at 10x / at half load: {ratio:.2f}; recovered in {r['recovered_s']:.2f} s; "
+          f"ingress replaced: {r['ingress_replaced']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+    from ray import serve
+
+    import ray
+    from deployments.control import deploy_config, wait_ready
+    from tests.helpers import processes_titled
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "serve_config.yaml"))
+    p.add_argument("--tokenizer", help="serve minilm as random weights of its shape, with this tokenizer")
+    p.add_argument("--generators", type=int, default=1, help="open-loop client processes")
+    p.add_argument("--ingress-replicas", type=int, help="experiment: args.ingress.num_replicas")
+    p.add_argument("--max-queue-wait-ms", type=float, help="experiment: every model's limits.max_queue_wait_ms")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = p.parse_args(argv)
+
+    config = yaml.safe_load(Path(a.config).read_text())
+    if a.tokenizer:
+        config = without_packaged_model(config, a.tokenizer)
+    args = config["applications"][0]["args"]
+    if a.ingress_replicas:
+        args.setdefault("ingress", {})["num_replicas"] = a.ingress_replicas
+    if a.max_queue_wait_ms:
+        for model in args["models"]:
+            model.setdefault("limits", {})["max_queue_wait_ms"] = a.max_queue_wait_ms
+    http = config.get("http_options", {})
+    port = int(http.get("port", 8000))
+    url = f"http://127.0.0.1:{port}"
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port,
+                                                         **{k: v for k, v in http.items() if k not in ("host", "port")}})
+    t0 = time.perf_counter()
+    deploy_config(config)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # wait_ready, but a failed build stops the run at once
+        app = serve.status().applications.get(config["applications"][0]["name"])
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise SystemExit(f"the application did not build: {app.message}")
+        try:
+            wait_ready(url, timeout_s=5)
+            break
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+    print(f"ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    time.sleep(3)  # every ingress replica listening behind HAProxy before the floor is taken
+    ingress_before = processes_titled("ServeReplica:batchserve:Ingress")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"generators": a.generators, "cpus": os.cpu_count(), "ingress_replicas": a.ingress_replicas or 1,
+                  "max_queue_wait_ms": a.max_queue_wait_ms,
+                  "http_floor_rps": http_floor(url, Path(tmp), a.generators)}
+        result.update(measure(url, Path(tmp), capacity_rps(url), a.generators))
+    result["ingress_replaced"] = processes_titled("ServeReplica:batchserve:Ingress") != ingress_before
+    print_table(result)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overload.json").write_text(json.dumps(result, indent=2))
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
