@@ -40,8 +40,9 @@ def quantile(values: list[float], q: float) -> float:
     return v[int(q * (len(v) - 1))] if v else float("nan")
 
 
-async def closed_loop_rate(url: str, path: str, body: str, seconds: float, concurrency: int) -> float:
-    """Answered-200 requests per second of `concurrency` clients posting `body` back to back."""
+async def closed_loop_rate(url: str, path: str, body: str | bytes, seconds: float, concurrency: int) -> float:
+    """Answered-200 requests per second of `concurrency` clients each posting `body` (JSON) to
+    `path` back to back for `seconds`: the capacity an open-loop overload is scaled from."""
     done = 0
     deadline = time.perf_counter() + seconds
     async with httpx.AsyncClient(base_url=url, timeout=30) as c:

@@ -72,23 +72,3 @@ def build_wheel(tmp_path: Path) -> list[str]:
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("batchserve-*.whl")
     return zipfile.ZipFile(wheel).namelist()
-
-
-async def closed_loop_rate(url: str, path: str, body: bytes, seconds: float, concurrency: int) -> float:
-    """Answered-200 requests per second of `concurrency` clients each posting `body` (JSON) to
-    `path` back to back for `seconds`: the capacity an open-loop overload is scaled from."""
-    import asyncio
-    import time
-
-    import httpx
-
-    done = 0
-    deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-        async def client():
-            nonlocal done
-            while time.perf_counter() < deadline:
-                if (await c.post(path, content=body, headers={"content-type": "application/json"})).status_code == 200:
-                    done += 1
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done / seconds

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray._common.test_utils import wait_for_condition
 
-from tests.helpers import closed_loop_rate, tiny_bert_spec
+from bench.overload import closed_loop_rate
+from tests.helpers import tiny_bert_spec
 from tests.integration.conftest import app_entry, app_status, extra_app, shipped_env
 
 pytestmark = pytest.mark.integration
