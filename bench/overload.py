@@ -129,13 +129,13 @@ def capacity_rps(url: str, clients: int = 16) -> float:
     return asyncio.run(closed_loop_rate(url, PATH, BODY, 6.0, clients))
 
 
-def measure(url: str, workdir: Path, capacity: float, generators: int = 1) -> dict[str, Any]:
-    """The protocol after the capacity: half load for 10 s, 10x for 20 s, recovery."""
+def measure(url: str, workdir: Path, capacity: float, generators: int = 1, multiple: float = 10.0) -> dict[str, Any]:
+    """The protocol after the capacity: half load for 10 s, `multiple` x capacity for 20 s, recovery."""
     half = summarize(open_loop(url, capacity / 2, 10.0, workdir, generators))
-    ten = summarize(open_loop(url, 10 * capacity, 20.0, workdir, generators))
+    ten = summarize(open_loop(url, multiple * capacity, 20.0, workdir, generators))
     fast_s = max(1.0, 3 * half["accepted_p99_ms"] / 1e3)
-    return {"capacity_rps": capacity, "offered_10x_rps": 10 * capacity, "half": half, "ten": ten,
-            "recovered_s": recovery_s(url, fast_s)}
+    return {"capacity_rps": capacity, "multiple": multiple, "offered_10x_rps": multiple * capacity, "half": half,
+            "ten": ten, "recovered_s": recovery_s(url, fast_s)}
 
 
 def without_packaged_model(config: dict[str, Any], tokenizer: str) -> dict[str, Any]:
@@ -152,17 +152,18 @@ def without_packaged_model(config: dict[str, Any], tokenizer: str) -> dict[str, 
 
 def print_table(r: dict[str, Any]) -> None:
     h, t = r["half"], r["ten"]
-    print(f"\ningress replicas {r['ingress_replicas']}, max_queue_wait_ms {r['max_queue_wait_ms']}")
+    print(f"\ningress replicas {r['ingress_replicas']}, max_queue_wait_ms {r['max_queue_wait_ms']}, "
+          f"model max_ongoing {r['max_ongoing']}, max_queued {r['max_queued']}, backend {r['backend']}, {r['multiple']:g}x")
     print(f"HTTP floor (no model work): {r['http_floor_rps']:.0f} req/s; capacity {r['capacity_rps']:.1f} req/s; "
-          f"10x offered {r['offered_10x_rps']:.0f} req/s with {r['generators']} generator process(es)")
+          f"{r['multiple']:g}x offered {r['offered_10x_rps']:.0f} req/s with {r['generators']} generator process(es)")
     print("| load | requests | accepted | p50 / p99 accepted ms | 503+Retry-After | 503 p99 ms | other |")
     print("|---|---|---|---|---|---|---|")
-    for name, s in (("half", h), ("10x", t)):
+    for name, s in (("half", h), (f"{r['multiple']:g}x", t)):
         other = {k: v for k, v in s["counts"].items() if k not in ("200", "503")}
         print(f"| {name} | {s['requests']} | {s['accepted']} | {s['accepted_p50_ms']:.0f} / {s['accepted_p99_ms']:.0f} "
               f"| {s['shed_503_retry_after']} | {s['shed_p99_ms']:.0f} | {other or '-'} |")
     ratio = t["accepted_p99_ms"] / h["accepted_p99_ms"] if h["accepted_p99_ms"] else float("nan")
-    print(f"accepted p99 at 10x / at half load: {ratio:.2f}; recovered in {r['recovered_s']:.2f} s; "
+    print(f"accepted p99 at {r['multiple']:g}x / at half load: {ratio:.2f}; recovered in {r['recovered_s']:.2f} s; "
           f"ingress replaced: {r['ingress_replaced']}")
 
 
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generators", type=int, default=1, help="open-loop client processes")
     p.add_argument("--ingress-replicas", type=int, help="experiment: args.ingress.num_replicas")
     p.add_argument("--max-queue-wait-ms", type=float, help="experiment: every model's limits.max_queue_wait_ms")
+    p.add_argument("--multiple", type=float, default=10.0, help="the overload, in multiples of the capacity")
+    p.add_argument("--max-ongoing", type=int, help="experiment: every model's deployment.max_ongoing_requests")
+    p.add_argument("--max-queued", type=int, help="experiment: every model's autoscaling.max_queued_requests")
+    p.add_argument("--backend", help="experiment: every encoder's backend (torch, onnxruntime, openvino, auto)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
 
@@ -192,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_queue_wait_ms:
         for model in args["models"]:
             model.setdefault("limits", {})["max_queue_wait_ms"] = a.max_queue_wait_ms
+    for model in args["models"]:
+        if a.max_ongoing:
+            model.setdefault("deployment", {})["max_ongoing_requests"] = a.max_ongoing
+        if a.max_queued is not None:
+            model.setdefault("autoscaling", {})["max_queued_requests"] = a.max_queued
+        if a.backend:
+            model["backend"] = a.backend
     http = config.get("http_options", {})
     port = int(http.get("port", 8000))
     url = f"http://127.0.0.1:{port}"
@@ -215,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     ingress_before = processes_titled("ServeReplica:batchserve:Ingress")
     with tempfile.TemporaryDirectory() as tmp:
         result = {"generators": a.generators, "cpus": os.cpu_count(), "ingress_replicas": a.ingress_replicas or 1,
-                  "max_queue_wait_ms": a.max_queue_wait_ms,
+                  "max_queue_wait_ms": a.max_queue_wait_ms, "max_ongoing": a.max_ongoing, "max_queued": a.max_queued,
+                  "backend": a.backend,
                   "http_floor_rps": http_floor(url, Path(tmp), a.generators)}
-        result.update(measure(url, Path(tmp), capacity_rps(url), a.generators))
+        result.update(measure(url, Path(tmp), capacity_rps(url), a.generators, a.multiple))
     result["ingress_replaced"] = processes_titled("ServeReplica:batchserve:Ingress") != ingress_before
     print_table(result)
     out = Path(a.out)
