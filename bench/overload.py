@@ -29,15 +29,28 @@ from typing import Any
 
 import httpx
 
+from app.quantiles import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/v1/models/minilm:predict"
 BODY = json.dumps({"instances": ["The quick brown fox jumps over the lazy dog and keeps running."]})
 MINILM_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
 
 
-def quantile(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[int(q * (len(v) - 1))] if v else float("nan")
+def quantile_ms(seconds: list[float], q: float) -> float:
+    """The q-th percentile (0-100), in milliseconds, by the service's one rule (app/quantiles.py)."""
+    return percentile(sorted(seconds), q) * 1e3
+
+
+def _clients(args_per_process: list[list[str]], outs: list[Path], timeout_s: float) -> list[list]:
+    """tests/openloop.py in one process per argument list (their own cores and GILs, as real
+    clients would be), each writing to its `outs` file; their result rows merged."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.openloop", *args, "--out", str(out)], cwd=ROOT)
+             for args, out in zip(args_per_process, outs)]
+    for p in procs:
+        if p.wait(timeout=timeout_s) != 0:
+            raise RuntimeError(f"load client exited {p.returncode}")
+    return [row for out in outs for row in json.loads(out.read_text())["results"]]
 
 
 async def closed_loop_rate(url: str, path: str, body: str | bytes, seconds: float, concurrency: int) -> float:
@@ -57,20 +70,11 @@ async def closed_loop_rate(url: str, path: str, body: str | bytes, seconds: floa
 
 def open_loop(url: str, rate: float, seconds: float, workdir: Path, generators: int = 1,
               timeout_s: float = 30.0, path: str = PATH, body: str = BODY) -> list[list]:
-    """tests/openloop.py in `generators` processes of rate/generators each (their own cores and
-    GILs, as real clients would be); their results merged."""
-    procs, outs = [], []
-    for i in range(generators):
-        out = workdir / f"openloop_{rate:.0f}_{i}.json"
-        outs.append(out)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.openloop", "--url", url + path, "--rate", str(rate / generators),
-             "--duration", str(seconds), "--body", body, "--timeout", str(timeout_s), "--out", str(out)],
-            cwd=ROOT))
-    for p in procs:
-        if p.wait(timeout=seconds + timeout_s + 60) != 0:
-            raise RuntimeError(f"open-loop generator exited {p.returncode}")
-    return [row for out in outs for row in json.loads(out.read_text())["results"]]
+    """Open-loop arrivals at `rate`, from `generators` processes of rate/generators each."""
+    args = ["--url", url + path, "--rate", str(rate / generators), "--duration", str(seconds), "--body", body,
+            "--timeout", str(timeout_s)]
+    outs = [workdir / f"openloop_{rate:.0f}_{i}.json" for i in range(generators)]
+    return _clients([args] * generators, outs, seconds + timeout_s + 60)
 
 
 def summarize(results: list[list]) -> dict[str, Any]:
@@ -83,8 +87,8 @@ def summarize(results: list[list]) -> dict[str, Any]:
         counts[str(s)] = counts.get(str(s), 0) + 1
     return {"requests": len(results), "counts": counts, "accepted": len(accepted), "rejected": len(rejected),
             "shed_503_retry_after": len(shed),
-            "accepted_p50_ms": quantile(accepted, 0.5) * 1e3, "accepted_p99_ms": quantile(accepted, 0.99) * 1e3,
-            "shed_p50_ms": quantile(shed, 0.5) * 1e3, "shed_p99_ms": quantile(shed, 0.99) * 1e3,
+            "accepted_p50_ms": quantile_ms(accepted, 50), "accepted_p99_ms": quantile_ms(accepted, 99),
+            "shed_p50_ms": quantile_ms(shed, 50), "shed_p99_ms": quantile_ms(shed, 99),
             "other_5xx": sum(1 for s in statuses if isinstance(s, int) and s >= 500 and s != 503),
             "hung": statuses.count(-1), "resets": statuses.count(0), "client_overflow": statuses.count("client_overflow")}
 
@@ -110,17 +114,9 @@ def http_floor(url: str, workdir: Path, generators: int = 1, seconds: float = 4.
     """Requests per second the HTTP layer answers for a route that does no model work
     (`GET /v2/health/live`, raw-socket clients): the most any load can be answered at, shed or
     not, on this machine with these clients."""
-    procs, outs = [], []
-    for i in range(generators):
-        out = workdir / f"floor_{i}.json"
-        outs.append(out)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.openloop", "--url", url + "/v2/health/live", "--closed",
-             str(connections // generators), "--duration", str(seconds), "--out", str(out)], cwd=ROOT))
-    for p in procs:
-        if p.wait(timeout=seconds + 60) != 0:
-            raise RuntimeError(f"closed-loop client exited {p.returncode}")
-    rows = [row for out in outs for row in json.loads(out.read_text())["results"]]
+    args = ["--url", url + "/v2/health/live", "--closed", str(connections // generators), "--duration", str(seconds)]
+    outs = [workdir / f"floor_{i}.json" for i in range(generators)]
+    rows = _clients([args] * generators, outs, seconds + 60)
     return sum(1 for row in rows if row[1] == 200) / seconds
 
 

@@ -82,21 +82,20 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
                 conn = None
         t0 = time.perf_counter()
         try:
-            if conn is None:
+            reused = conn is not None
+            if not reused:
+                conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+            try:
+                status, retry_after, reuse = await asyncio.wait_for(exchange(conn), timeout_s)
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                # An idle connection the server closed as we reused it: no byte of an answer came,
+                # so the request never ran; send it once on a new connection, as HTTP clients do
+                # (RFC 9112 9.3.1), instead of counting the race as a reset.
+                if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                    raise
+                conn[1].close()
                 conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
                 status, retry_after, reuse = await asyncio.wait_for(exchange(conn), timeout_s)
-            else:
-                try:
-                    status, retry_after, reuse = await asyncio.wait_for(exchange(conn), timeout_s)
-                except (ConnectionError, asyncio.IncompleteReadError) as e:
-                    # An idle connection the server closed as we reused it: no byte of an answer
-                    # came, so the request never ran; send it once on a new connection, as HTTP
-                    # clients do (RFC 9112 9.3.1), instead of counting the race as a reset.
-                    if isinstance(e, asyncio.IncompleteReadError) and e.partial:
-                        raise
-                    conn[1].close()
-                    conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-                    status, retry_after, reuse = await asyncio.wait_for(exchange(conn), timeout_s)
             results.append([t_sent, status, time.perf_counter() - t0, retry_after])
             if reuse:
                 idle.append(conn)

@@ -14,7 +14,8 @@ import psutil
 import pytest
 from ray._common.test_utils import wait_for_condition
 
-from bench.overload import capacity_rps, http_floor, measure, open_loop, quantile
+from app.quantiles import percentile
+from bench.overload import capacity_rps, http_floor, measure, open_loop
 from tests.helpers import processes_titled
 from tests.integration.conftest import HAPROXY, app_status
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 
 def p99(values: list[float]) -> float:
-    return quantile(values, 0.99)
+    return percentile(sorted(values), 99)
 
 
 def replica_processes(deployment: str) -> set[int]:

@@ -19,6 +19,7 @@ from app.runners.local import LocalRunner
 from tests.helpers import tiny_bert_spec
 
 BACKENDS = ("onnxruntime", "openvino")
+SHAPES = [(1, 1), (1, 7), (3, 40), (8, 17), (32, 9), (5, 128)]
 
 
 @pytest.fixture
@@ -32,7 +33,6 @@ def serve_log(caplog):
     yield caplog
     log.removeHandler(caplog.handler)
     log.setLevel(old)
-SHAPES = [(1, 1), (1, 7), (3, 40), (8, 17), (32, 9), (5, 128)]
 
 
 def minilm_doc(backend: dict, **kw) -> dict:
