@@ -50,30 +50,33 @@ class IngressMetrics:
 
     def __init__(self, flush_period_s: float = 1.0) -> None:
         self.requests = serve_metrics.Counter(
-            PREFIX + "requests", description="HTTP requests by model, route and outcome.",
-            tag_keys=("model", "route", "outcome"),
+            PREFIX + "requests", description="HTTP requests by model, route, outcome, version and traffic class.",
+            tag_keys=("model", "route", "outcome", "version", "traffic_class"),
         )
         self.latency = serve_metrics.Histogram(
             PREFIX + "request_latency_ms", description="End-to-end latency at the ingress (ms).",
-            boundaries=LATENCY_BUCKETS_MS, tag_keys=("model", "route"),
+            boundaries=LATENCY_BUCKETS_MS, tag_keys=("model", "route", "version", "traffic_class"),
         )
-        self._counts: dict[tuple[str, str, str], int] = {}
+        self._counts: dict[tuple[str, str, str, str, str], int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._period = flush_period_s
         threading.Thread(target=self._flush_loop, name="ingress-metrics-flush", daemon=True).start()
 
-    def record(self, model: str, route: str, status: int, latency_ms: float) -> None:
-        key = (model, route, outcome_of(status))
+    def record(self, model: str, route: str, status: int, latency_ms: float, version: str = "-",
+               traffic_class: str = "-") -> None:
+        key = (model, route, outcome_of(status), version, traffic_class)
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
-        self.latency.observe(latency_ms, tags={"model": model, "route": route})
+        self.latency.observe(latency_ms, tags={"model": model, "route": route, "version": version,
+                                               "traffic_class": traffic_class})
 
     def flush(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, {}
-        for (model, route, outcome), n in counts.items():
-            self.requests.inc(n, tags={"model": model, "route": route, "outcome": outcome})
+        for (model, route, outcome, version, cls), n in counts.items():
+            self.requests.inc(n, tags={"model": model, "route": route, "outcome": outcome, "version": version,
+                                       "traffic_class": cls})
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(self._period):

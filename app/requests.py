@@ -6,7 +6,7 @@ past the ingress knows about JSON, v1 or v2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -20,6 +20,8 @@ class ModelInput:
     token_ids: Optional[list[list[int]]] = None
     # Client requests these items came from: more than one when the ingress merged them (ingress.gather).
     requests: int = 1
+    # Its traffic class (app/config TrafficOptions): realtime batches run first, bulk fills the rest.
+    traffic_class: str = "realtime"
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else len(self.token_ids or [])
@@ -29,9 +31,9 @@ class ModelInput:
         if len(self) <= size:
             return [self]
         if self.texts is not None:
-            return [ModelInput(texts=self.texts[i : i + size]) for i in range(0, len(self.texts), size)]
+            return [replace(self, texts=self.texts[i : i + size], requests=1) for i in range(0, len(self.texts), size)]
         ids = self.token_ids or []
-        return [ModelInput(token_ids=ids[i : i + size]) for i in range(0, len(ids), size)]
+        return [replace(self, token_ids=ids[i : i + size], requests=1) for i in range(0, len(ids), size)]
 
 
 @dataclass(frozen=True)

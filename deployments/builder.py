@@ -32,11 +32,12 @@ ROUTER_OPTIONS: dict[str, Any] = {
 }
 
 
-def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int = 1) -> dict[str, Any]:
+def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int = 1,
+                             name: str | None = None) -> dict[str, Any]:
     d = spec.deployment
     gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
     options: dict[str, Any] = {
-        "name": spec.name,
+        "name": name or spec.name,
         "num_replicas": d.num_replicas,
         "max_ongoing_requests": spec.effective_max_ongoing_requests(),
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
@@ -114,17 +115,26 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         (spec,) = args.models
         plan, vocab = _plan(spec, 0)
         return serve.deployment(FusedIngress).options(**model_deployment_options(spec, plan)).bind(args, plan, vocab)
-    handles, vocab_sizes = {}, {}
-    for i, spec in enumerate(args.models):
-        if spec.name == INGRESS_NAME:
+    handles: dict[str, dict[str, Any]] = {}  # model -> version -> its deployment
+    vocab_sizes: dict[str, int] = {}
+    for i, model in enumerate(args.models):
+        if model.name == INGRESS_NAME:
             raise ValueError(f"models[{i}].name: {INGRESS_NAME!r} is reserved for the HTTP ingress")
-        plan, vocab = _plan(spec, i)
-        vocab_sizes[spec.name] = int(build_config(spec, vocab).vocab_size)
-        options = model_deployment_options(spec, plan, callers=args.ingress.num_replicas)
-        if spec.task == "generate":
-            handles[spec.name] = serve.deployment(GeneratorServer).options(**options).bind(spec, plan, args.cost)
-        else:
-            handles[spec.name] = serve.deployment(ModelServer).options(**options).bind(spec, plan, vocab, args.cost)
+        handles[model.name] = {}
+        for version, spec in model.version_specs().items():
+            plan, vocab = _plan(spec, i)
+            # The ingress checks token ids against one vocabulary per model: versions must share it.
+            size = int(build_config(spec, vocab).vocab_size)
+            if vocab_sizes.setdefault(model.name, size) != size:
+                raise ValueError(f"models[{i}].versions: version {version!r} has {size} token ids, "
+                                 f"another version {vocab_sizes[model.name]}; versions of a model share a vocabulary")
+            options = model_deployment_options(spec, plan, callers=args.ingress.num_replicas,
+                                               name=model.deployment_name(version))
+            if spec.task == "generate":
+                bound = serve.deployment(GeneratorServer).options(**options).bind(spec, plan, args.cost)
+            else:
+                bound = serve.deployment(ModelServer).options(**options).bind(spec, plan, vocab, args.cost)
+            handles[model.name][version] = bound
     ing = args.ingress
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_NAME,
@@ -134,5 +144,8 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         **SHED_OPTIONS,
         **ROUTER_OPTIONS,  # the proxy's router re-probes a full ingress as a handle does a full model
         ray_actor_options={"num_cpus": ing.num_cpus},
+        # The traffic split of each model's versions, live: a `deployments: [{name: Ingress,
+        # user_config: {splits: ...}}]` override moves it without restarting anything.
+        user_config={"splits": {m.name: m.version_weights() for m in args.models}},
     )
     return ingress.bind(args, handles, vocab_sizes)

@@ -116,6 +116,10 @@ class GatheringClient(HandleClient):
             inputs = ModelInput(token_ids=self.encoder.encode([inputs]), requests=inputs.requests)
         # Checked per request here: the server cannot tell the merged requests apart.
         check_token_budget(inputs, self.spec, self.encoder)
+        if inputs.traffic_class != "realtime":
+            # A merged call carries one class; bulk requests are large already, so they go alone
+            # and the realtime calls the gatherer merges stay realtime.
+            return await self._call(inputs)
         return await self.gatherer.infer(inputs)
 
 

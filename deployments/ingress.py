@@ -35,6 +35,8 @@ from app.protocols import openapi_body
 from app.protocols.v1 import V1_REQUEST_SCHEMA, parse_v1_request, v1_predictions
 from app.protocols.v2 import V2_REQUEST_SCHEMA, encode_v2_response, parse_v2_request, triton_model_config, v2_model_metadata
 from app.requests import InferenceResult, ModelInput
+from app.traffic import PRIORITY_HEADER, header_class
+from app.versions import VersionSplit
 from app.bounded import parse_length_header, read_body
 from deployments.clients import GatheringClient, HandleClient, LocalClient, ModelClient, as_serving_error
 from deployments.generate_routes import GenerationRoutes, merged_generation_limits
@@ -82,7 +84,17 @@ class _Observe:
                 name = scope.get("path_params", {}).get("name")
                 known = getattr(state, "model_names", ())
                 model = "-" if name is None else (name if name in known else "unknown")
-                metrics.record(model, template, status, (time.perf_counter() - t0) * 1000.0)
+                # The routes put the version and traffic class they served on the scope (_served).
+                served = scope.get(_SERVED, {})
+                metrics.record(model, template, status, (time.perf_counter() - t0) * 1000.0,
+                               served.get("version", "-"), served.get("class", "-"))
+
+
+_SERVED = "batchserve.served"  # scope key: {"version", "class"} of the request, for the metrics
+
+
+def _served(request: Request, version: str, cls: str) -> None:
+    request.scope[_SERVED] = {"version": version, "class": cls}
 
 
 class _FastRoutes:
@@ -101,6 +113,10 @@ class _FastRoutes:
     _ROUTES = (
         (re.compile(r"/v2/models/([^/]+)/infer"), "/v2/models/{name}/infer", "v2_infer"),
         (re.compile(r"/v1/models/([^/]+):predict"), "/v1/models/{name}:predict", "v1_predict"),
+        (re.compile(r"/v2/models/([^/]+)/versions/([^/]+)/infer"), "/v2/models/{name}/versions/{version}/infer",
+         "v2_infer_version"),
+        (re.compile(r"/v1/models/([^/]+)/versions/([^/:]+):predict"), "/v1/models/{name}/versions/{version}:predict",
+         "v1_predict_version"),
     )
 
     def __init__(self, app):
@@ -119,13 +135,13 @@ class _FastRoutes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
-            name = match.group(1)
+            params = dict(zip(("name", "version"), match.groups()))
             # What the router would have set (the route's template and parameters): _Observe reads them.
             scope["route_template"] = template
-            scope["path_params"] = {"name": name}
+            scope["path_params"] = params
             request = Request(scope, receive)
             try:
-                response = await getattr(ingress, method)(name, request)
+                response = await getattr(ingress, method)(request=request, **params)
             except ServingError as exc:
                 response = await _serving_error(request, exc)
             return await response(scope, receive, send)
@@ -166,17 +182,19 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> Response
 class Ingress(GenerationRoutes):
     """Routed mode: one handle per model-server deployment (`ingress.mode: routed`)."""
 
-    def __init__(self, args: AppArgs, handles: dict[str, DeploymentHandle], vocab_sizes: dict[str, int]):
+    def __init__(self, args: AppArgs, handles: dict[str, dict[str, DeploymentHandle]], vocab_sizes: dict[str, int]):
         gather = args.ingress.gather
-        clients: dict[str, ModelClient] = {}
-        for name, h in handles.items():
+        clients: dict[str, dict[str, ModelClient]] = {}
+        for name, versions in handles.items():
+            model = args.model(name)
             # Generators stream through their handle (generate_routes.py); merging is for one-shot calls.
-            one_shot = args.model(name).task != "generate"
-            clients[name] = GatheringClient(args.model(name), h, gather) if gather and one_shot else HandleClient(name, h)
-        self.generators = {n: h for n, h in handles.items() if args.model(n).task == "generate"}
+            one_shot = model.task != "generate"
+            clients[name] = {v: GatheringClient(model.version_specs()[v], h, gather) if gather and one_shot
+                             else HandleClient(model.deployment_name(v), h) for v, h in versions.items()}
+        self.generators = {n: next(iter(vs.values())) for n, vs in handles.items() if args.model(n).task == "generate"}
         self._setup(args, clients, vocab_sizes)
 
-    def _setup(self, args: AppArgs, clients: dict[str, ModelClient], vocab_sizes: dict[str, int]) -> None:
+    def _setup(self, args: AppArgs, clients: dict[str, dict[str, ModelClient]], vocab_sizes: dict[str, int]) -> None:
         self.specs: dict[str, ModelSpec] = {m.name: m for m in args.models}
         # Each model's embedding rows: token ids past them are refused here, before any batch.
         self.vocab_sizes = vocab_sizes
@@ -188,6 +206,24 @@ class Ingress(GenerationRoutes):
         api.state.fast_ingress = self if args.ingress.fast_routes else None
         self._started = int(time.time())
         self._generation_limits = merged_generation_limits(self.specs.values())
+        self._sticky_header = args.ingress.sticky_key_header.lower()
+        self.splits = {m.name: VersionSplit(m.name, m.version_weights()) for m in args.models}
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`splits: {model: {version: weight}}` (the builder seeds it from each version's `weight`):
+        a `serve deploy` that changes only this moves traffic between versions without a restart."""
+        splits = dict(self.splits)
+        for name, weights in (user_config or {}).get("splits", {}).items():
+            spec = self.specs.get(name)
+            if spec is None:
+                raise ValueError(f"Ingress user_config splits: no model {name!r}; models: {sorted(self.specs)}")
+            unknown = set(weights) - set(spec.version_names())
+            if unknown:
+                raise ValueError(f"Ingress user_config splits.{name}: no version(s) {sorted(unknown)}; "
+                                 f"versions: {spec.version_names()}")
+            splits[name] = VersionSplit(name, {v: float(weights.get(v, 0.0)) for v in spec.version_names()})
+        self.splits = splits
+        logger.info("traffic splits: %s", {n: s.weights for n, s in splits.items()})
 
     # ------------------------------------------------------------------ helpers
 
@@ -212,19 +248,34 @@ class Ingress(GenerationRoutes):
         return await read_body(request.stream(), declared, lim.max_body_bytes, lim.body_idle_timeout_s,
                                lim.body_timeout_s)
 
-    async def _infer(self, name: str, inputs: ModelInput) -> InferenceResult:
+    def _version(self, name: str, request: Request, pinned: Optional[str]) -> str:
+        split = self.splits[name]
+        if pinned is not None:
+            return split.check(pinned)
+        return split.pick(request.headers.get(self._sticky_header))
+
+    def _request_class(self, request: Request, spec: ModelSpec) -> str:
+        return header_class(request.headers.get(PRIORITY_HEADER), spec.traffic.default_class)
+
+    async def _infer(self, name: str, version: str, inputs: ModelInput) -> InferenceResult:
         try:
-            return await self.clients[name].infer(inputs)
+            return await self.clients[name][version].infer(inputs)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             raise as_serving_error(e) from None
 
-    async def _describe(self, name: str) -> dict[str, Any]:
-        if name not in self._metadata:
-            self._metadata[name] = await self.clients[name].describe()
-        return self._metadata[name]
+    async def _describe(self, name: str, version: Optional[str] = None) -> dict[str, Any]:
+        """What a version's model server says of itself (default: the model's first version), with
+        the model's versions and split beside it."""
+        version = version or self.specs[name].version_names()[0]
+        key = f"{name}@{version}"
+        if key not in self._metadata:
+            self._metadata[key] = await self.clients[name][version].describe()
+        return {**self._metadata[key], "version": version, "versions": self.splits[name].versions,
+                "split": self.splits[name].weights}
 
-    async def _model_ready(self, name: str) -> bool:
-        return await self.clients[name].ready()
+    async def _model_ready(self, name: str, version: Optional[str] = None) -> bool:
+        versions = [version] if version is not None else list(self.clients[name])
+        return all(await asyncio.gather(*(self.clients[name][v].ready() for v in versions)))
 
     # ------------------------------------------------------------------ v2 protocol
 
@@ -261,16 +312,38 @@ class Ingress(GenerationRoutes):
         ok = await self._model_ready(name)
         return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
+    @api.get("/v2/models/{name}/versions/{version}")
+    async def model_version_metadata(self, name: str, version: str) -> Response:
+        spec = self._spec(name)
+        meta = await self._describe(name, self.splits[name].check(version))
+        return json_response({**v2_model_metadata(spec, meta.get("output_dim")), "versions": [version]})
+
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_version_ready(self, name: str, version: str) -> Response:
+        self._spec(name)
+        ok = await self._model_ready(name, self.splits[name].check(version))
+        return json_response({"name": name, "version": version, "ready": ok}, 200 if ok else 503)
+
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=openapi_body(V2_REQUEST_SCHEMA))
+    async def v2_infer_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._v2_infer(name, request, version)
+
     @api.post("/v2/models/{name}/infer", openapi_extra=openapi_body(V2_REQUEST_SCHEMA))
     async def v2_infer(self, name: str, request: Request) -> Response:
+        return await self._v2_infer(name, request, None)
+
+    async def _v2_infer(self, name: str, request: Request, version: Optional[str]) -> Response:
         spec = self._encoder_spec(name)
+        version = self._version(name, request, version)
         body = await self._body(request, spec)
         header_len = parse_length_header(request.headers.get("inference-header-content-length"),
                                          "Inference-Header-Content-Length")
-        req = parse_v2_request(body, header_len, spec, self.vocab_sizes.get(name))
-        result = await self._infer(name, req.inputs)
+        req = parse_v2_request(body, header_len, spec, self.vocab_sizes.get(name), self._request_class(request, spec))
+        _served(request, version, req.inputs.traffic_class)
+        result = await self._infer(name, version, req.inputs)
         payload, json_len = encode_v2_response(spec, req, result)
         headers = result.timing_headers()
+        headers["X-Model-Version"] = version
         if json_len is not None:
             headers["Inference-Header-Content-Length"] = str(json_len)
             return Response(payload, media_type="application/octet-stream", headers=headers)
@@ -278,17 +351,27 @@ class Ingress(GenerationRoutes):
 
     # ------------------------------------------------------------------ simple JSON route
 
+    @api.post("/v1/models/{name}/versions/{version}:predict", openapi_extra=openapi_body(V1_REQUEST_SCHEMA))
+    async def v1_predict_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._v1_predict(name, request, version)
+
     @api.post("/v1/models/{name}:predict", openapi_extra=openapi_body(V1_REQUEST_SCHEMA))
     async def v1_predict(self, name: str, request: Request) -> Response:
+        return await self._v1_predict(name, request, None)
+
+    async def _v1_predict(self, name: str, request: Request, version: Optional[str]) -> Response:
         spec = self._encoder_spec(name)
-        inputs = parse_v1_request(await self._body(request, spec), spec)
-        result = await self._infer(name, inputs)
-        return json_response({"predictions": v1_predictions(spec, result.outputs)}, headers=result.timing_headers())
+        version = self._version(name, request, version)
+        inputs = parse_v1_request(await self._body(request, spec), spec, self._request_class(request, spec))
+        _served(request, version, inputs.traffic_class)
+        result = await self._infer(name, version, inputs)
+        headers = {**result.timing_headers(), "X-Model-Version": version}
+        return json_response({"predictions": v1_predictions(spec, result.outputs)}, headers=headers)
 
     @api.get("/v1/models")
     async def list_models(self) -> Response:
         """OpenAI's list shape (`openai.models.list()` reads it), each entry with the service's own fields."""
-        described = await asyncio.gather(*(self.clients[n].describe() for n in self.specs))
+        described = await asyncio.gather(*(self._describe(n) for n in self.specs))
         return json_response({"object": "list", "data": [
             {"id": d["name"], "object": "model", "created": self._started, "owned_by": "batchserve", **d}
             for d in described]})
@@ -304,7 +387,7 @@ class FusedIngress(Ingress):
         (spec,) = args.models
         self.server = ModelServer(spec, plan, vocab_size, args.cost)
         await super().__init__(args, {}, {spec.name: self.server.model_vocab})
-        self.clients = {spec.name: LocalClient(self.server)}
+        self.clients = {spec.name: {spec.version_names()[0]: LocalClient(self.server)}}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.server.reconfigure(user_config)

@@ -17,7 +17,7 @@ from ray import serve
 
 from app.batching import BatchEntry, check_token_budget, count_items
 from app.config import CostConfig, ModelSpec
-from app.engine import OneShotEngine
+from app.engine import BulkPolicy, OneShotEngine
 from app.engine.faults import fault_drill, faults_from_env
 from app.engine.startup import start_runner, tune_process
 from app.engine_link import EngineListener
@@ -54,11 +54,18 @@ class ModelServer:
         served_by = (serve.get_replica_context().replica_id.unique_id, ray.get_runtime_context().get_node_id()[:12])
         self.engine = OneShotEngine(spec.name, self.runner, encoder, spec.batching, memory_limit, self.metrics,
                                     spec.limits.max_batch_tokens, fault_drill(faults_from_env(spec.name)), served_by, executor,
-                                    spec.limits.max_queue_wait_ms)
+                                    spec.limits.max_queue_wait_ms,
+                                    BulkPolicy(spec.bulk_max_ongoing_requests(), spec.bulk_batch_items(),
+                                               spec.traffic.bulk.max_wait_s))
         cfg = self.engine.control
+        # One Serve batch queue per traffic class (each is FIFO); the engine's coalescer serves
+        # realtime batches first (app/engine/coalesce.py).
         self._batched = serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.wait_s,
                                     max_concurrent_batches=_SERVE_BATCHES_IN_FLIGHT,
                                     batch_size_fn=count_items)(self._serve_batch)
+        self._batched_bulk = serve.batch(max_batch_size=spec.bulk_batch_items(), batch_wait_timeout_s=cfg.wait_s,
+                                         max_concurrent_batches=_SERVE_BATCHES_IN_FLIGHT,
+                                         batch_size_fn=count_items)(self._serve_bulk_batch)
         cfg.listen(self._apply_batching)
         # Started on the first engine_address() call, on the loop that runs infer (ingress.gather direct).
         self._listener = EngineListener(self.infer, spec.effective_max_ongoing_requests())
@@ -70,9 +77,14 @@ class ModelServer:
         """The engine's cap and wait, pushed into Serve's batch queue."""
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(wait_s)
+        self._batched_bulk.set_max_batch_size(self.engine.bulk_items())
+        self._batched_bulk.set_batch_wait_timeout_s(wait_s)
 
     async def _serve_batch(self, entries: list[BatchEntry]):
         return await self.engine.batcher.run(entries)
+
+    async def _serve_bulk_batch(self, entries: list[BatchEntry]):
+        return await self.engine.batcher.run(entries, bulk=True)
 
     def __del__(self):
         if getattr(self, "runner", None) is not None:
@@ -122,4 +134,4 @@ class ModelServer:
         # Shapes, limits and token ids against the vocabulary were checked at the ingress, the one edge.
         if inputs.requests == 1:  # merged requests were each checked at the ingress (app/gather.py)
             check_token_budget(inputs, self.spec, self.encoder)
-        return await self.engine.infer(inputs, self._batched)
+        return await self.engine.infer(inputs, self._batched, self._batched_bulk)

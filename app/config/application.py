@@ -66,6 +66,9 @@ class IngressOptions(_Strict):
     max_queued_requests: int = Field(64, ge=-1)
     # None: one handle call per request (routed) or no hop at all (fused).
     gather: Optional[GatherOptions] = None
+    # A request carrying this header goes to the version its value hashes to (README "Model
+    # versions"): one user stays on one version of an A/B split.
+    sticky_key_header: str = Field("X-Routing-Key", pattern=r"^[A-Za-z0-9-]{1,64}$")
 
     @model_validator(mode="after")
     def _gather_needs_routed(self) -> "IngressOptions":
@@ -102,6 +105,8 @@ class AppArgs(_Strict):
                     f"ingress.mode: 'fused' serves exactly one model per application ({len(self.models)} given); "
                     "declare one application per model, each with its own route_prefix"
                 )
+            if self.ingress.mode == "fused" and m.versions:
+                raise ValueError(f"models[{i}].versions: versions are separate deployments, served in ingress.mode 'routed'")
             if self.ingress.mode == "fused" and m.task == "generate":
                 raise ValueError(f"models[{i}].task: 'generate' is served in ingress.mode 'routed' only")
             max_ongoing = m.deployment.max_ongoing_requests
@@ -126,7 +131,7 @@ class AppArgs(_Strict):
         if self.ingress.max_ongoing_requests is not None:
             return self.ingress.max_ongoing_requests
         total = 0
-        for m in self.models:
+        for m in (v for model in self.models for v in model.version_specs().values()):
             queued = m.effective_max_queued_requests(self.ingress.num_replicas)
             if queued < 0:  # an unbounded model queue: the ingress bound is the only one left
                 return 1000

@@ -8,8 +8,11 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from app.config.sections import (AccelerationConfig, AutoscalingOptions, BackendOptions, BatchingConfig, DeploymentOptions,
-                                 GenerationOptions, LimitsConfig, ModelSource, ParallelConfig, RandomInitSource,
-                                 _Strict)
+                                 GenerationOptions, LimitsConfig, ModelSource, ModelVersion, ParallelConfig,
+                                 RandomInitSource, TrafficOptions, _Strict)
+
+
+DEFAULT_VERSION = "1"  # a model without versions is version "1", as in Triton's model repository
 
 
 class ModelSpec(_Strict):
@@ -29,6 +32,9 @@ class ModelSpec(_Strict):
     acceleration: AccelerationConfig = Field(default_factory=AccelerationConfig)
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
     backend: BackendOptions = Field(default_factory=BackendOptions)
+    traffic: TrafficOptions = Field(default_factory=TrafficOptions)
+    # Versions, each its own deployment (README "Model versions"); none: one version named "1".
+    versions: list[ModelVersion] = Field(default_factory=list, max_length=16)
 
     @field_validator("labels")
     @classmethod
@@ -74,7 +80,45 @@ class ModelSpec(_Strict):
                 f"autoscaling.target_ongoing_requests: {target} exceeds max_ongoing_requests "
                 f"({self.effective_max_ongoing_requests()}); replicas could never reach it"
             )
+        self._check_versions()
+        bulk = self.traffic.bulk.max_ongoing_requests
+        if bulk is not None and bulk >= self.effective_max_ongoing_requests():
+            raise ValueError(
+                f"traffic.bulk.max_ongoing_requests: {bulk} must be below max_ongoing_requests "
+                f"({self.effective_max_ongoing_requests()}) so realtime requests always find a slot in the replica"
+            )
         return self
+
+    def _check_versions(self) -> None:
+        if not self.versions:
+            return
+        names = [v.name for v in self.versions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"versions: names must be unique, got {names}")
+        if sum(v.weight for v in self.versions) <= 0:
+            raise ValueError("versions: at least one version needs a weight above 0")
+        if self.task == "generate":
+            raise ValueError("versions: a generator serves one version (versions are for embed and classify models)")
+        for v in self.versions:
+            self.model_validate({**self.model_dump(exclude={"versions"}), **v.overrides()})  # each must stand alone
+
+    def version_names(self) -> list[str]:
+        return [v.name for v in self.versions] or [DEFAULT_VERSION]
+
+    def version_weights(self) -> dict[str, float]:
+        return {v.name: v.weight for v in self.versions} or {DEFAULT_VERSION: 1.0}
+
+    def version_specs(self) -> dict[str, "ModelSpec"]:
+        """Each version's own spec (the model's settings with the version's on top, no versions)."""
+        if not self.versions:
+            return {DEFAULT_VERSION: self}
+        base = self.model_dump(exclude={"versions"})
+        return {v.name: ModelSpec.model_validate({**base, **{k: o.model_dump() for k, o in v.overrides().items()}})
+                for v in self.versions}
+
+    def deployment_name(self, version: str) -> str:
+        """A versionless model keeps its own name (so `deployments: [{name: <model>}]` still finds it)."""
+        return self.name if not self.versions else f"{self.name}@{version}"
 
     def _check_generator(self) -> None:
         if isinstance(self.source, RandomInitSource) and self.source.architecture not in ("llama", "opt"):
@@ -119,6 +163,14 @@ class ModelSpec(_Strict):
         if self.deployment.max_ongoing_requests is not None:
             return self.deployment.max_ongoing_requests
         return max(self.min_ongoing_requests * 2, 8)
+
+    def bulk_max_ongoing_requests(self) -> int:
+        """Bulk requests one replica holds: below max_ongoing_requests, so realtime always gets in."""
+        bound = self.traffic.bulk.max_ongoing_requests
+        return bound if bound is not None else max(1, self.effective_max_ongoing_requests() // 2)
+
+    def bulk_batch_items(self) -> int:
+        return min(self.traffic.bulk.batch_items or self.batching.max_batch_size, self.batching.max_batch_size)
 
     def effective_max_queued_requests(self, callers: int = 1) -> int:
         """Requests each of `callers` (the ingress replicas) holds for this model beyond what its

@@ -56,6 +56,55 @@ class BatchingConfig(_Strict):
     max_wait_s: float = Field(0.05, ge=0.0, le=10.0)
 
 
+TrafficClass = Literal["realtime", "bulk"]
+TRAFFIC_CLASSES: tuple[str, ...] = ("realtime", "bulk")
+
+
+class BulkClassOptions(_Strict):
+    """The bulk class: throughput traffic (back-fills, re-embedding) that must not delay realtime.
+
+    Bounded in the replica below its max_ongoing_requests, so realtime requests always find a slot
+    there, and a full bulk class answers 503 to bulk alone."""
+
+    # Bulk requests one replica holds at once (None: half its max_ongoing_requests).
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    # Aging: a bulk batch that has waited this long in the replica is served in arrival order with
+    # realtime batches instead of after them, so bulk always progresses under realtime load.
+    max_wait_s: float = Field(2.0, gt=0, le=3600)
+    # Items of one bulk device batch (None: batching.max_batch_size). Smaller bulk batches end
+    # sooner, so a realtime request arriving behind one waits less.
+    batch_items: Optional[int] = Field(None, ge=1)
+
+
+class TrafficOptions(_Strict):
+    """Traffic classes (README "Traffic classes"): a request names its class with `X-Priority`
+    (or `priority` in its body); realtime batches run first, bulk fills what they leave."""
+
+    default_class: TrafficClass = "realtime"
+    bulk: BulkClassOptions = Field(default_factory=BulkClassOptions)
+
+
+VERSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
+
+
+class ModelVersion(_Strict):
+    """One version of a model (README "Model versions"): its own deployment, with the model's
+    settings except those it sets here. `weight` is its share of unpinned traffic at deploy; the
+    Ingress deployment's user_config `splits` moves the shares live, without a restart."""
+
+    name: str = Field(pattern=VERSION_NAME)
+    weight: float = Field(1.0, ge=0)
+    source: Optional[ModelSource] = None
+    batching: Optional[BatchingConfig] = None
+    deployment: Optional["DeploymentOptions"] = None
+    autoscaling: Optional["AutoscalingOptions"] = None
+    backend: Optional["BackendOptions"] = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("source", "batching", "deployment", "autoscaling", "backend")
+                if getattr(self, k) is not None}
+
+
 class LimitsConfig(_Strict):
     """Per-request guards, enforced at the ingress before a request joins a batch."""
 

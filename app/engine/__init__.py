@@ -13,6 +13,6 @@ requests in, token streams out.
 
 from app.engine.batcher import ChunkResult, DeviceBatcher
 from app.engine.control import BatchControl
-from app.engine.oneshot import EngineObserver, OneShotEngine
+from app.engine.oneshot import BulkPolicy, EngineObserver, OneShotEngine
 
-__all__ = ["BatchControl", "ChunkResult", "DeviceBatcher", "EngineObserver", "OneShotEngine"]
+__all__ = ["BatchControl", "BulkPolicy", "ChunkResult", "DeviceBatcher", "EngineObserver", "OneShotEngine"]

@@ -41,19 +41,22 @@ class ChunkResult:
 class DeviceBatcher:
     def __init__(self, name: str, runner: ModelRunner, encoder, max_items: Callable[[], int], slots: int,
                  batch_tokens: Optional[int] = None, before_batch: Optional[BeforeBatch] = None,
-                 executor: Optional[ThreadPoolExecutor] = None):
+                 executor: Optional[ThreadPoolExecutor] = None, bulk_items: Optional[Callable[[], int]] = None,
+                 bulk_max_wait_s: float = float("inf")):
         self.name = name
         self.runner = runner
         self.encoder = encoder  # .encode(list[ModelInput]) -> id rows, .pad_id
         self.batch_tokens = batch_tokens  # padded tokens one device batch may hold (None: no budget)
         self._before_batch = before_batch
         self._max_items = max_items
+        self._bulk_items = bulk_items
+        self._bulk_max_wait_s = bulk_max_wait_s
         self.slots = slots
         # Every torch call of the model runs on these threads: each thread entering an OpenMP
         # region gets its own busy-waiting team, and a second team (the event loop's) made CPU
         # batches ~1.8x slower on 2 cores.
         self.executor = executor or ThreadPoolExecutor(max_workers=slots)
-        self._coalescer = BatchCoalescer(self._run_device_batch, count_items, max_items, slots=slots)
+        self._coalescer = self._new_coalescer()
         self.oom_cap: Optional[int] = None  # the size that fit, after a batch ran out of memory
         # Hooks on the event loop: a device batch starts (entries), and ends (entries, start, seconds).
         self.on_start: Callable[[list[BatchEntry]], None] = lambda entries: None
@@ -64,11 +67,16 @@ class DeviceBatcher:
         batches already handed to the old ones finish there."""
         self.slots = slots
         self.executor = ThreadPoolExecutor(max_workers=slots)
-        self._coalescer = BatchCoalescer(self._run_device_batch, count_items, self._max_items, slots=slots)
+        self._coalescer = self._new_coalescer()
 
-    async def run(self, entries: list[BatchEntry]) -> list[ChunkResult | ServingError]:
-        """Results for a batch Serve closed, in order, once a device batch holding it has run."""
-        return await self._coalescer.submit(entries)
+    def _new_coalescer(self) -> BatchCoalescer:
+        return BatchCoalescer(self._run_device_batch, count_items, self._max_items, slots=self.slots,
+                              bulk_items=self._bulk_items, bulk_max_wait_s=self._bulk_max_wait_s)
+
+    async def run(self, entries: list[BatchEntry], bulk: bool = False) -> list[ChunkResult | ServingError]:
+        """Results for a batch Serve closed, in order, once a device batch holding it has run
+        (bulk batches after realtime ones: coalesce.py)."""
+        return await self._coalescer.submit(entries, bulk)
 
     async def _run_device_batch(self, entries: list[BatchEntry]) -> list[ChunkResult | ServingError]:
         started = time.perf_counter()

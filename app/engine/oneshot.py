@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, Optional, Protocol
 
@@ -36,22 +37,35 @@ class EngineObserver(Protocol):
     def batching(self, wait_s: float, max_batch_size: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class BulkPolicy:
+    """The bulk class in one replica (app/config TrafficOptions, resolved)."""
+
+    max_ongoing_requests: int  # bulk requests held at once; past it bulk gets 503, realtime still gets in
+    batch_items: int  # items of one bulk chunk, and of a device batch of bulk alone
+    max_wait_s: float  # aging: a bulk batch waiting this long is served in arrival order with realtime
+
+
 class OneShotEngine:
     def __init__(self, name: str, runner: ModelRunner, encoder, batching: BatchingConfig, memory_limit: int,
                  observer: EngineObserver, batch_tokens: Optional[int] = None,
                  before_batch: Optional[BeforeBatch] = None, served_by: tuple[str, str] = ("", ""),
-                 executor: Optional[ThreadPoolExecutor] = None, max_queue_wait_ms: Optional[float] = None):
+                 executor: Optional[ThreadPoolExecutor] = None, max_queue_wait_ms: Optional[float] = None,
+                 bulk: Optional[BulkPolicy] = None):
         self.name = name
+        self.bulk = bulk or BulkPolicy(max_ongoing_requests=1 << 30, batch_items=batching.max_batch_size,
+                                       max_wait_s=float("inf"))
         self.observer = observer
         self.served_by = served_by  # (replica id, node id) stamped on every result
         self.control = BatchControl(name, batching, memory_limit)
         self.control.listen(observer.batching)
         self.batcher = DeviceBatcher(name, runner, encoder, lambda: self.control.max_batch_size,
                                      self.control.config.max_concurrent_batches, batch_tokens, before_batch,
-                                     executor)
+                                     executor, bulk_items=self.bulk_items, bulk_max_wait_s=self.bulk.max_wait_s)
         self.batcher.on_start = lambda entries: observer.dequeued(len(entries))
         self.batcher.on_batch = self._batch_done
         self.pending_items = 0  # items received and not yet answered (queued + running)
+        self.bulk_requests = 0  # bulk requests received and not yet answered
         self._recent_waits: deque[tuple[float, float]] = deque()  # (time, queue wait ms) for autoscaling
         self._window = Window()
         self._adapt_task: Optional[asyncio.Task] = None
@@ -63,15 +77,27 @@ class OneShotEngine:
         if self.control.config.max_concurrent_batches != old.max_concurrent_batches:
             self.batcher.resize(self.control.config.max_concurrent_batches)
 
-    async def infer(self, inputs: ModelInput, enqueue: Enqueue) -> InferenceResult:
+    def bulk_items(self) -> int:
+        return max(1, min(self.bulk.batch_items, self.control.max_batch_size))
+
+    async def infer(self, inputs: ModelInput, enqueue: Enqueue, enqueue_bulk: Optional[Enqueue] = None) -> InferenceResult:
+        """One request's result. `enqueue_bulk` is the bulk class's queue (default: `enqueue`)."""
         if self.control.config.adaptive and self._adapt_task is None:
             self._adapt_task = asyncio.get_running_loop().create_task(self._adapt_loop())
+        bulk = inputs.traffic_class == "bulk"
+        if bulk:
+            if self.bulk_requests >= self.bulk.max_ongoing_requests:
+                raise Overloaded(f"model {self.name!r} holds {self.bulk_requests} bulk requests, its bulk limit; "
+                                 "retry shortly (realtime requests are still admitted)")
+            enqueue = enqueue_bulk or enqueue
         if self.max_queue_wait_ms is not None:
             self._admit(len(inputs))
         arrived = time.perf_counter()
         self.pending_items += len(inputs)
-        # Chunked to the cap in force (the adaptive controller may have lowered it below the config).
-        entries = [BatchEntry(c, arrived) for c in inputs.split(self.control.max_batch_size)]
+        self.bulk_requests += bulk
+        # Chunked to the cap in force (the adaptive controller may have lowered it below the config);
+        # bulk to its own, smaller batches (coalesce.py says why).
+        entries = [BatchEntry(c, arrived) for c in inputs.split(self.bulk_items() if bulk else self.control.max_batch_size)]
         for _ in entries:
             self.observer.enqueued()
         try:
@@ -83,6 +109,7 @@ class OneShotEngine:
             # A cancelled or failed request leaves the queue without its batch ever starting.
             self.observer.dequeued(sum(1 for e in entries if not e.started))
             self.pending_items -= len(inputs)
+            self.bulk_requests -= bulk
         for r in results:
             if isinstance(r, BaseException):
                 raise r

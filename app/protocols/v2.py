@@ -4,7 +4,7 @@ both ways; model metadata and the Triton model config."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -14,6 +14,7 @@ from app.bounded import check_shape
 from app.config import ModelSpec
 from app.errors import InvalidInput, PayloadTooLarge
 from app.requests import InferenceResult, ModelInput
+from app.traffic import traffic_class
 from app.validation import check_texts, check_token_ids, loads_bounded, named_outputs, output_names
 
 
@@ -86,7 +87,7 @@ def _decode_bytes_elements(raw: bytes, where: str) -> list[str]:
 
 
 def parse_v2_request(body: bytes, header_len: Optional[int], spec: ModelSpec,
-                     vocab_size: Optional[int] = None) -> V2Request:
+                     vocab_size: Optional[int] = None, default_class: str = "realtime") -> V2Request:
     json_part, binary = _split_binary(body, header_len)
     doc = loads_bounded(json_part, spec)
     if not isinstance(doc, dict):
@@ -154,6 +155,8 @@ def parse_v2_request(body: bytes, header_len: Optional[int], spec: ModelSpec,
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
 
     model_input = _v2_model_input(tensors, spec, vocab_size)
+    cls = traffic_class(params["priority"], "parameters.priority") if "priority" in params else default_class
+    model_input = replace(model_input, traffic_class=cls)
     want_binary = bool(params.get("binary_data_output", False))
     outputs = _v2_requested_outputs(doc.get("outputs"), spec, want_binary)
     return V2Request(inputs=model_input, request_id=req_id, outputs=outputs)

@@ -105,3 +105,57 @@ def test_two_slots_run_two_device_batches_at_once():
         return running
 
     assert asyncio.run(scenario()) == [[0], [1, 2]]
+
+
+def test_realtime_batches_lead_and_bulk_fills_what_they_leave():
+    async def scenario():
+        dev = Device()
+        co = BatchCoalescer(dev.run, len, lambda: 4, slots=1, bulk_items=lambda: 2)
+        first = asyncio.create_task(co.submit([100, 101], bulk=True))
+        await settle()
+        # Closed while the device is busy: two bulk batches first, then two realtime ones.
+        later = [asyncio.create_task(co.submit(b, bulk=True)) for b in ([102], [103, 104])]
+        later += [asyncio.create_task(co.submit(b)) for b in ([1], [2, 3])]
+        await settle()
+        dev.gate.set()
+        await asyncio.gather(first, *later)
+        return dev.batches
+
+    # Realtime's 3 items lead; bulk [102] fills the cap of 4; bulk alone then stops at 2 items.
+    assert asyncio.run(scenario()) == [[100, 101], [1, 2, 3, 102], [103, 104]]
+
+
+def test_a_bulk_batch_that_waited_past_its_limit_leads_again():
+    async def scenario():
+        now = [0.0]
+        dev = Device()
+        co = BatchCoalescer(dev.run, len, lambda: 2, slots=1, bulk_items=lambda: 2, bulk_max_wait_s=1.0,
+                            clock=lambda: now[0])
+        first = asyncio.create_task(co.submit([1]))
+        await settle()
+        aged = asyncio.create_task(co.submit([100, 101], bulk=True))
+        now[0] = 0.5
+        fresh = [asyncio.create_task(co.submit([i])) for i in (2, 3, 4, 5)]
+        await settle()
+        now[0] = 5.0  # the bulk batch has waited 5 s: past its 1 s, and older than every realtime batch
+        dev.gate.set()
+        await asyncio.gather(first, aged, *fresh)
+        return dev.batches
+
+    assert asyncio.run(scenario()) == [[1], [100, 101], [2, 3], [4, 5]]
+
+
+def test_without_aging_bulk_waits_while_realtime_keeps_the_device_busy():
+    async def scenario():
+        dev = Device()
+        co = BatchCoalescer(dev.run, len, lambda: 2, slots=1, bulk_items=lambda: 2)
+        first = asyncio.create_task(co.submit([1]))
+        await settle()
+        bulk = asyncio.create_task(co.submit([100, 101], bulk=True))
+        rt = [asyncio.create_task(co.submit([i])) for i in (2, 3, 4, 5)]
+        await settle()
+        dev.gate.set()
+        await asyncio.gather(first, bulk, *rt)
+        return dev.batches
+
+    assert asyncio.run(scenario()) == [[1], [2, 3], [4, 5], [100, 101]]
