@@ -27,6 +27,7 @@ class BatchEntry:
     inputs: ModelInput
     arrived_s: float  # time.perf_counter() when the replica received it
     started: bool = False  # set when its batch begins; a cancelled entry never starts
+    batch_id: str = ""  # the device batch it ran in (logs, traces, X-Batch-Id)
 
 
 def count_items(entries: Sequence[BatchEntry]) -> int:

@@ -22,6 +22,10 @@ class ModelInput:
     requests: int = 1
     # Its traffic class (app/config TrafficOptions): realtime batches run first, bulk fills the rest.
     traffic_class: str = "realtime"
+    # Where it came from, for the batch's log line and span (app/tracing.py): the ingress span's
+    # W3C traceparent and Serve's request id ("" for calls the ingress merged).
+    traceparent: str = ""
+    request_id: str = ""
 
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else len(self.token_ids or [])
@@ -48,6 +52,7 @@ class InferenceResult:
     node: str = ""
     gathered: int = 0  # requests in the ingress's merged call that carried this one (0: not merged)
     link: str = ""  # with gather.transport direct: how the call went, "direct" or "handle" (the fallback)
+    batch_id: str = ""  # the device batch it ran in (its last, for a request split over several)
 
     def timing_headers(self) -> dict[str, str]:
         headers = {
@@ -57,6 +62,8 @@ class InferenceResult:
             "X-Replica": self.replica,
             "X-Node": self.node,
         }
+        if self.batch_id:
+            headers["X-Batch-Id"] = self.batch_id
         if self.gathered:
             headers["X-Gathered"] = str(self.gathered)
         if self.link:

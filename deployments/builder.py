@@ -133,7 +133,7 @@ def build_app(raw_args: dict[str, Any]) -> Application:
             if spec.task == "generate":
                 bound = serve.deployment(GeneratorServer).options(**options).bind(spec, plan, args.cost)
             else:
-                bound = serve.deployment(ModelServer).options(**options).bind(spec, plan, vocab, args.cost)
+                bound = serve.deployment(ModelServer).options(**options).bind(spec, plan, vocab, args.cost, version)
             handles[model.name][version] = bound
     ing = args.ingress
     ingress = serve.deployment(Ingress).options(

@@ -2,180 +2,43 @@
 the generation routes (OpenAI-compatible) come from generate_routes.py.
 
 Every request is parsed and validated here, before it can join a batch; errors become JSON with the
-right status. Serve itself echoes or assigns `X-Request-ID` on every response.
+right status (http_edge.py, which also counts and times every request). Serve itself echoes or
+assigns `X-Request-ID` on every response; each inference answer also carries `X-Model-Version` and
+the `traceparent` of its span (app/tracing.py).
 """
 
 
 import asyncio
 import logging
-import re
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response
+from opentelemetry.trace import Status, StatusCode
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppArgs, LimitsConfig, ModelSpec
 from app.planner import ParallelPlan
 from app.metrics import IngressMetrics
-from app.errors import (
-    InvalidInput,
-    MethodNotAllowed,
-    ModelNotFound,
-    Overloaded,
-    ReplicaUnavailable,
-    RouteNotFound,
-    ServingError,
-)
+from app.errors import InvalidInput, ModelNotFound
 from app.protocols import openapi_body
 from app.protocols.v1 import V1_REQUEST_SCHEMA, parse_v1_request, v1_predictions
 from app.protocols.v2 import V2_REQUEST_SCHEMA, encode_v2_response, parse_v2_request, triton_model_config, v2_model_metadata
 from app.requests import InferenceResult, ModelInput
+from app.tracing import Tracer, request_id
 from app.traffic import PRIORITY_HEADER, header_class
 from app.versions import VersionSplit
 from app.bounded import parse_length_header, read_body
 from deployments.clients import GatheringClient, HandleClient, LocalClient, ModelClient, as_serving_error
 from deployments.generate_routes import GenerationRoutes, merged_generation_limits
 from deployments.http_app import api, json_response
+from deployments.http_edge import TRACEPARENT, mark_served
 from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
-
-
-class _Observe:
-    """Count every request by model, route and outcome, and time it (app/metrics.py).
-
-    A plain ASGI middleware: Starlette's BaseHTTPMiddleware runs each request through an extra task
-    and memory streams, a measurable cost at thousands of requests per second.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_observed(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_observed)
-        except asyncio.CancelledError:
-            # The client went away (or the proxy's request timeout cancelled us): not a server error.
-            status = 499
-            raise
-        finally:
-            state = scope["app"].state if "app" in scope else None
-            metrics: Optional[IngressMetrics] = getattr(state, "metrics", None)
-            if metrics is not None:
-                # The router (or _FastRoutes) puts the matched route and path parameters on the scope.
-                route = scope.get("route")
-                template = scope.get("route_template") or (route.path if route is not None else "unmatched")
-                name = scope.get("path_params", {}).get("name")
-                known = getattr(state, "model_names", ())
-                model = "-" if name is None else (name if name in known else "unknown")
-                # The routes put the version and traffic class they served on the scope (_served).
-                served = scope.get(_SERVED, {})
-                metrics.record(model, template, status, (time.perf_counter() - t0) * 1000.0,
-                               served.get("version", "-"), served.get("class", "-"))
-
-
-_SERVED = "batchserve.served"  # scope key: {"version", "class"} of the request, for the metrics
-
-
-def _served(request: Request, version: str, cls: str) -> None:
-    request.scope[_SERVED] = {"version": version, "class": cls}
-
-
-class _FastRoutes:
-    """The inference routes answered straight from ASGI, ahead of FastAPI (`ingress.fast_routes`).
-
-    FastAPI's per-request machinery (middleware layers, a scan of every route, dependency solving,
-    endpoint wrappers) costs a replica's one Python core about 250 us per request on the 2-core
-    machine, half of what a whole bare no-op request costs (bench/replica_cpu.py measures it);
-    serving the model's routes through it cost ~20 % of the replica's CPU. Here the two inference
-    routes skip it: the path is matched once, and the very same route methods, limits and error
-    mapping answer (FastAPI still serves every other route, and documents these two in
-    /openapi.json).
-    """
-
-    # (pattern, route path template, Ingress method): the patterns FastAPI compiles for the routes.
-    _ROUTES = (
-        (re.compile(r"/v2/models/([^/]+)/infer"), "/v2/models/{name}/infer", "v2_infer"),
-        (re.compile(r"/v1/models/([^/]+):predict"), "/v1/models/{name}:predict", "v1_predict"),
-        (re.compile(r"/v2/models/([^/]+)/versions/([^/]+)/infer"), "/v2/models/{name}/versions/{version}/infer",
-         "v2_infer_version"),
-        (re.compile(r"/v1/models/([^/]+)/versions/([^/:]+):predict"), "/v1/models/{name}/versions/{version}:predict",
-         "v1_predict_version"),
-    )
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        ingress = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            ingress = getattr(scope["app"].state, "fast_ingress", None)
-        if ingress is None:
-            return await self.app(scope, receive, send)
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root + "/"):  # served under a route prefix (as Starlette strips it)
-            path = path[len(root):]
-        for pattern, template, method in self._ROUTES:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            params = dict(zip(("name", "version"), match.groups()))
-            # What the router would have set (the route's template and parameters): _Observe reads them.
-            scope["route_template"] = template
-            scope["path_params"] = params
-            request = Request(scope, receive)
-            try:
-                response = await getattr(ingress, method)(request=request, **params)
-            except ServingError as exc:
-                response = await _serving_error(request, exc)
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-# Added last runs first: _Observe times and counts what _FastRoutes answers too.
-api.add_middleware(_FastRoutes)
-api.add_middleware(_Observe)
-
-
-@api.exception_handler(ServingError)
-async def _serving_error(_: Request, exc: ServingError) -> Response:
-    headers = {"Retry-After": "1"} if isinstance(exc, (Overloaded, ReplicaUnavailable)) else None
-    return json_response(exc.to_json(), exc.status_code, headers)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    """FastAPI's own 404 (no such route) and 405 (wrong method), in the service's error shape."""
-    if exc.status_code == 404:
-        err: ServingError = RouteNotFound(f"no route {request.method} {request.url.path}; see /docs for the API")
-    elif exc.status_code == 405:
-        err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-    else:
-        err = ServingError(str(exc.detail))
-        err.status_code = exc.status_code
-        err.error_type = "http_error"
-    return json_response(err.to_json(), err.status_code, dict(exc.headers or {}) or None)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-    return json_response(InvalidInput(f"invalid request: {exc.errors()[:3]}").to_json(), 400)
 
 
 @serve.ingress(api)
@@ -208,6 +71,7 @@ class Ingress(GenerationRoutes):
         self._generation_limits = merged_generation_limits(self.specs.values())
         self._sticky_header = args.ingress.sticky_key_header.lower()
         self.splits = {m.name: VersionSplit(m.name, m.version_weights()) for m in args.models}
+        self.tracer = Tracer("ingress")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`splits: {model: {version: weight}}` (the builder seeds it from each version's `weight`):
@@ -257,11 +121,24 @@ class Ingress(GenerationRoutes):
     def _request_class(self, request: Request, spec: ModelSpec) -> str:
         return header_class(request.headers.get(PRIORITY_HEADER), spec.traffic.default_class)
 
-    async def _infer(self, name: str, version: str, inputs: ModelInput) -> InferenceResult:
+    async def _infer(self, request: Request, name: str, version: str, inputs: ModelInput) -> tuple[InferenceResult, str]:
+        """The result and the `traceparent` of this request's span (app/tracing.py), which the
+        model server's batch span links to and the response carries back."""
+        mark_served(request, version, inputs.traffic_class)
+        span = self.tracer.request_span(f"infer {name}", request.headers, {
+            "model": name, "model.version": version, "traffic_class": inputs.traffic_class})
+        traceparent = Tracer.traceparent(span)
+        request.scope[TRACEPARENT] = traceparent  # error answers carry it too (_serving_error)
         try:
-            return await self.clients[name][version].infer(inputs)
+            result = await self.clients[name][version].infer(
+                replace(inputs, traceparent=traceparent, request_id=request_id() or ""))
         except Exception as e:  # noqa: BLE001 - mapped to a status code
-            raise as_serving_error(e) from None
+            err = as_serving_error(e)
+            span.set_status(Status(StatusCode.ERROR, err.error_type))
+            raise err from None
+        finally:
+            span.end()
+        return result, traceparent
 
     async def _describe(self, name: str, version: Optional[str] = None) -> dict[str, Any]:
         """What a version's model server says of itself (default: the model's first version), with
@@ -339,11 +216,11 @@ class Ingress(GenerationRoutes):
         header_len = parse_length_header(request.headers.get("inference-header-content-length"),
                                          "Inference-Header-Content-Length")
         req = parse_v2_request(body, header_len, spec, self.vocab_sizes.get(name), self._request_class(request, spec))
-        _served(request, version, req.inputs.traffic_class)
-        result = await self._infer(name, version, req.inputs)
+        result, traceparent = await self._infer(request, name, version, req.inputs)
         payload, json_len = encode_v2_response(spec, req, result)
         headers = result.timing_headers()
         headers["X-Model-Version"] = version
+        headers["traceparent"] = traceparent
         if json_len is not None:
             headers["Inference-Header-Content-Length"] = str(json_len)
             return Response(payload, media_type="application/octet-stream", headers=headers)
@@ -363,9 +240,8 @@ class Ingress(GenerationRoutes):
         spec = self._encoder_spec(name)
         version = self._version(name, request, version)
         inputs = parse_v1_request(await self._body(request, spec), spec, self._request_class(request, spec))
-        _served(request, version, inputs.traffic_class)
-        result = await self._infer(name, version, inputs)
-        headers = {**result.timing_headers(), "X-Model-Version": version}
+        result, traceparent = await self._infer(request, name, version, inputs)
+        headers = {**result.timing_headers(), "X-Model-Version": version, "traceparent": traceparent}
         return json_response({"predictions": v1_predictions(spec, result.outputs)}, headers=headers)
 
     @api.get("/v1/models")

@@ -26,6 +26,7 @@ from app.models.loader import build_config, check_vocab, load_tokenizer
 from app.models.tokenize import TextEncoder
 from app.planner import ParallelPlan
 from app.runners.factory import make_runner
+from app.tracing import Tracer
 from app.requests import InferenceResult, ModelInput
 
 logger = logging.getLogger("ray.serve")
@@ -36,7 +37,7 @@ _SERVE_BATCHES_IN_FLIGHT = 256
 
 
 class ModelServer:
-    def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int, cost: CostConfig):
+    def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int, cost: CostConfig, version: str = "1"):
         t0 = time.perf_counter()
         # Worker start and imports, before this line: half of a new replica's start (autoscaling).
         process_up_s = time.time() - psutil.Process().create_time()
@@ -55,8 +56,8 @@ class ModelServer:
         self.engine = OneShotEngine(spec.name, self.runner, encoder, spec.batching, memory_limit, self.metrics,
                                     spec.limits.max_batch_tokens, fault_drill(faults_from_env(spec.name)), served_by, executor,
                                     spec.limits.max_queue_wait_ms,
-                                    BulkPolicy(spec.bulk_max_ongoing_requests(), spec.bulk_batch_items(),
-                                               spec.traffic.bulk.max_wait_s))
+                                    BulkPolicy(spec.bulk_max_ongoing_requests(), spec.bulk_batch_items()),
+                                    version, Tracer("model_server"))
         cfg = self.engine.control
         # One Serve batch queue per traffic class (each is FIFO); the engine's coalescer serves
         # realtime batches first (app/engine/coalesce.py).
@@ -122,6 +123,7 @@ class ModelServer:
         return {
             "name": self.spec.name,
             "task": self.spec.task,
+            "served_version": self.engine.version,
             "replica": self.engine.served_by[0],
             **self.runner.describe(),
             "batching": self.engine.control.config.model_dump(),

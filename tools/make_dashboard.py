@@ -92,6 +92,16 @@ def panels():
                     (f"1e6 * sum by (model) (rate({sel('ray_batchserve_cost_usd_total')}[5m])) / "
                      f"sum by (model) (rate({sel('ray_batchserve_generated_tokens_total')}[5m]))", "{{model}} 5 min rate")],
                    "currencyUSD", 12, 52),
+        timeseries("Traffic classes: p99 latency and requests per second by class",
+                   [(quantile(0.99, "ray_batchserve_request_latency_ms_bucket", "le, model, traffic_class"),
+                     "{{model}} {{traffic_class}} p99 ms"),
+                    (f"sum by (model, traffic_class, outcome) (rate({sel('ray_batchserve_requests_total')}[1m]))",
+                     "{{model}} {{traffic_class}} {{outcome}} req/s")], "short", 0, 60),
+        timeseries("Model versions: requests, outcomes and p99 by version (judge a canary here)",
+                   [(f"sum by (model, version, outcome) (rate({sel('ray_batchserve_requests_total')}[1m]))",
+                     "{{model}} v{{version}} {{outcome}} req/s"),
+                    (quantile(0.99, "ray_batchserve_request_latency_ms_bucket", "le, model, version"),
+                     "{{model}} v{{version}} p99 ms")], "short", 12, 60),
     ]
 
 

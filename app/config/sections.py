@@ -68,9 +68,6 @@ class BulkClassOptions(_Strict):
 
     # Bulk requests one replica holds at once (None: half its max_ongoing_requests).
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
-    # Aging: a bulk batch that has waited this long in the replica is served in arrival order with
-    # realtime batches instead of after them, so bulk always progresses under realtime load.
-    max_wait_s: float = Field(2.0, gt=0, le=3600)
     # Items of one bulk device batch (None: batching.max_batch_size). Smaller bulk batches end
     # sooner, so a realtime request arriving behind one waits less.
     batch_items: Optional[int] = Field(None, ge=1)
@@ -78,7 +75,8 @@ class BulkClassOptions(_Strict):
 
 class TrafficOptions(_Strict):
     """Traffic classes (README "Traffic classes"): a request names its class with `X-Priority`
-    (or `priority` in its body); realtime batches run first, bulk fills what they leave."""
+    (or `priority` in its body). Realtime batches never wait for bulk ones, and take bulk items
+    into the room they leave; bulk runs in its own lane at lower CPU priority (app/engine/coalesce.py)."""
 
     default_class: TrafficClass = "realtime"
     bulk: BulkClassOptions = Field(default_factory=BulkClassOptions)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +32,23 @@ logger = logging.getLogger("ray.serve")
 BeforeBatch = Callable[[list[BatchEntry]], None]  # runs on the executor before a batch (fault drills)
 
 
+# How much lower the bulk lane's threads run (Linux nice; CFS then gives a nice-10 thread about a
+# tenth of a contended core): bulk gets the cycles realtime work leaves, and keeps a share.
+BULK_NICE = 10
+ONE_LANE_ENV = "BATCHSERVE_ONE_LANE"
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)  # this thread only (Linux)
+    except (AttributeError, OSError):  # not Linux: the lanes still split, without the priority
+        pass
+
+
+def _bulk_executor(slots: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=slots, thread_name_prefix="bulk-lane", initializer=_lower_priority)
+
+
 @dataclass
 class ChunkResult:
     outputs: np.ndarray
@@ -41,8 +60,7 @@ class ChunkResult:
 class DeviceBatcher:
     def __init__(self, name: str, runner: ModelRunner, encoder, max_items: Callable[[], int], slots: int,
                  batch_tokens: Optional[int] = None, before_batch: Optional[BeforeBatch] = None,
-                 executor: Optional[ThreadPoolExecutor] = None, bulk_items: Optional[Callable[[], int]] = None,
-                 bulk_max_wait_s: float = float("inf")):
+                 executor: Optional[ThreadPoolExecutor] = None, bulk_items: Optional[Callable[[], int]] = None):
         self.name = name
         self.runner = runner
         self.encoder = encoder  # .encode(list[ModelInput]) -> id rows, .pad_id
@@ -50,12 +68,17 @@ class DeviceBatcher:
         self._before_batch = before_batch
         self._max_items = max_items
         self._bulk_items = bulk_items
-        self._bulk_max_wait_s = bulk_max_wait_s
+        # Two lanes (realtime, bulk) where the runner takes concurrent calls (coalesce.py);
+        # BATCHSERVE_ONE_LANE=1 (runtime_env) turns them off, for bench/traffic_classes.py's A/B.
+        self.lanes = runner.concurrent_calls and os.environ.get(ONE_LANE_ENV) != "1"
         self.slots = slots
+        self.batch_prefix = name  # batch ids are <prefix>-<n>: the engine makes it the replica's id
+        self._batches = 0
         # Every torch call of the model runs on these threads: each thread entering an OpenMP
         # region gets its own busy-waiting team, and a second team (the event loop's) made CPU
         # batches ~1.8x slower on 2 cores.
         self.executor = executor or ThreadPoolExecutor(max_workers=slots)
+        self.bulk_executor = _bulk_executor(slots)
         self._coalescer = self._new_coalescer()
         self.oom_cap: Optional[int] = None  # the size that fit, after a batch ran out of memory
         # Hooks on the event loop: a device batch starts (entries), and ends (entries, start, seconds).
@@ -67,24 +90,29 @@ class DeviceBatcher:
         batches already handed to the old ones finish there."""
         self.slots = slots
         self.executor = ThreadPoolExecutor(max_workers=slots)
+        self.bulk_executor = _bulk_executor(slots)
         self._coalescer = self._new_coalescer()
 
     def _new_coalescer(self) -> BatchCoalescer:
         return BatchCoalescer(self._run_device_batch, count_items, self._max_items, slots=self.slots,
-                              bulk_items=self._bulk_items, bulk_max_wait_s=self._bulk_max_wait_s)
+                              bulk_items=self._bulk_items, lanes=self.lanes)
 
     async def run(self, entries: list[BatchEntry], bulk: bool = False) -> list[ChunkResult | ServingError]:
         """Results for a batch Serve closed, in order, once a device batch holding it has run
         (bulk batches after realtime ones: coalesce.py)."""
         return await self._coalescer.submit(entries, bulk)
 
-    async def _run_device_batch(self, entries: list[BatchEntry]) -> list[ChunkResult | ServingError]:
+    async def _run_device_batch(self, entries: list[BatchEntry], bulk_lane: bool = False) -> list[ChunkResult | ServingError]:
         started = time.perf_counter()
+        self._batches += 1
+        batch_id = f"{self.batch_prefix}-{self._batches}"
         for e in entries:
             e.started = True
+            e.batch_id = batch_id
         self.on_start(entries)
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self.executor, self.compute_isolated, entries, started)
+        executor = self.bulk_executor if bulk_lane else self.executor
+        results = await loop.run_in_executor(executor, self.compute_isolated, entries, started)
         self.on_batch(entries, started, time.perf_counter() - started)
         return results
 

@@ -12,39 +12,38 @@ batched, the cap, the wait and backpressure; this only stops small closed batche
 one by one. Pure asyncio: no Ray, unit-tested on its own.
 
 Traffic classes: Serve's batch queue is FIFO, so each class has its own (the shell's two
-`@serve.batch` methods) and the classes meet here. A device batch takes realtime batches first and
-fills what they leave with bulk ones; a batch of bulk alone holds at most `bulk_items`, so a
-realtime request arriving behind it waits for a short batch. A bulk batch that has waited
-`bulk_max_wait_s` ages into arrival order with realtime: bulk is never starved, and while realtime
-load leaves room it costs realtime nothing (a guaranteed bulk share per batch would tax every
-realtime batch, loaded or not).
+`@serve.batch` methods) and the classes meet here, in two lanes of `slots` device batches each.
+The realtime lane runs realtime batches, filling what they leave with bulk ones; the bulk lane runs
+bulk batches alone, at most `bulk_items` each. So a realtime request never waits for a bulk batch
+to finish, and bulk always progresses: the batcher runs the bulk lane on threads of lower CPU
+priority (batcher.py), which is bulk's guaranteed share while realtime keeps the device busy.
+With `lanes=False` (runners that take one call at a time: tensor and pipeline gangs) there is one
+lane, which takes realtime batches first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import Awaitable, Callable, Generic, Optional, Sequence, TypeVar
 
 E = TypeVar("E")  # a batch entry
 R = TypeVar("R")  # its result
-_Pending = tuple  # (closed at, entries, future): a closed batch waiting for a device batch
+_Pending = tuple  # (entries, future): a closed batch waiting for a device batch
 
 
 class BatchCoalescer(Generic[E, R]):
-    def __init__(self, run: Callable[[list[E]], Awaitable[list[R]]], size_of: Callable[[Sequence[E]], int],
+    def __init__(self, run: Callable[[list[E], bool], Awaitable[list[R]]], size_of: Callable[[Sequence[E]], int],
                  max_items: Callable[[], int], slots: int = 1, bulk_items: Optional[Callable[[], int]] = None,
-                 bulk_max_wait_s: float = float("inf"), clock: Callable[[], float] = time.monotonic):
-        self._run = run
+                 lanes: bool = True):
+        self._run = run  # (entries, on the bulk lane) -> results
         self._size_of = size_of
         self._max_items = max_items
         self._bulk_items = bulk_items or max_items
-        self._bulk_max_wait_s = bulk_max_wait_s
-        self._clock = clock
+        self._lanes = lanes
         self._slots = slots
-        self._busy = 0
-        # (closed at, entries, future), oldest first, one queue per class.
+        self._busy = {False: 0, True: 0}  # device batches running per lane (True: bulk)
+        # (entries, future), oldest first, one queue per class.
         self._realtime: deque[_Pending] = deque()
         self._bulk: deque[_Pending] = deque()
 
@@ -55,52 +54,50 @@ class BatchCoalescer(Generic[E, R]):
     async def submit(self, entries: list[E], bulk: bool = False) -> list[R]:
         """Results for `entries`, in order, once a device batch holding them has run."""
         future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
-        (self._bulk if bulk else self._realtime).append((self._clock(), entries, future))
-        if self._busy < self._slots:
-            self._busy += 1
-            asyncio.get_running_loop().create_task(self._drain())
+        (self._bulk if bulk else self._realtime).append((entries, future))
+        lane = bulk and self._lanes
+        if self._busy[lane] < self._slots:
+            self._busy[lane] += 1
+            asyncio.get_running_loop().create_task(self._drain(lane))
         return await future
 
-    def _order(self) -> list[deque[_Pending]]:
-        """Which class leads the next device batch: realtime, unless the oldest bulk batch has aged
-        past bulk_max_wait_s ahead of the oldest realtime one."""
+    def _take(self, bulk_lane: bool) -> list[_Pending]:
+        """The closed batches of the next device batch of a lane, up to the cap (always at least
+        one): realtime first then bulk on the realtime lane (or the one lane), bulk alone on the
+        bulk lane, up to bulk_items."""
         _drop_cancelled(self._realtime)
         _drop_cancelled(self._bulk)
-        if self._bulk and (not self._realtime or (
-                self._clock() - self._bulk[0][0] >= self._bulk_max_wait_s and self._bulk[0][0] <= self._realtime[0][0])):
-            return [self._bulk, self._realtime]
-        return [self._realtime, self._bulk]
-
-    def _take(self) -> list[tuple[list[E], asyncio.Future[list[R]]]]:
-        """The closed batches of the next device batch, its leading class first, up to the cap
-        (always at least one); a device batch of bulk alone stops at bulk_items."""
-        lead, fill = self._order()
-        cap = self._max_items() if lead is self._realtime and lead else self._bulk_items()
-        taken: list[tuple[list[E], asyncio.Future[list[R]]]] = []
+        if bulk_lane:
+            queues, cap = [self._bulk], self._bulk_items()
+        elif self._lanes and not self._realtime:
+            return []  # bulk alone is the bulk lane's
+        else:
+            queues = [self._realtime, self._bulk]
+            cap = self._max_items() if self._realtime else self._bulk_items()
+        taken: list[_Pending] = []
         items = 0
-        for queue in (lead, fill):
+        for queue in queues:
             while queue:
-                _, entries, future = queue[0]
+                entries, future = queue[0]
                 if future.done():  # its caller went away (cancelled): nothing to compute
                     queue.popleft()
                     continue
                 size = self._size_of(entries)
                 if taken and items + size > cap:
                     break
-                queue.popleft()
-                taken.append((entries, future))
+                taken.append(queue.popleft())
                 items += size
         return taken
 
-    async def _drain(self) -> None:
+    async def _drain(self, bulk_lane: bool) -> None:
         try:
             while True:
-                taken = self._take()
+                taken = self._take(bulk_lane)
                 if not taken:
                     return
                 merged = [e for entries, _ in taken for e in entries]
                 try:
-                    results = await self._run(merged)
+                    results = await self._run(merged, bulk_lane)
                 except BaseException as exc:  # noqa: BLE001 - every caller of this device batch gets it
                     for _, future in taken:
                         if not future.done():
@@ -115,9 +112,9 @@ class BatchCoalescer(Generic[E, R]):
                     if not future.done():
                         future.set_result(part)
         finally:
-            self._busy -= 1
+            self._busy[bulk_lane] -= 1
 
 
 def _drop_cancelled(queue: deque) -> None:
-    while queue and queue[0][2].done():
+    while queue and queue[0][1].done():
         queue.popleft()

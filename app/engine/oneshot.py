@@ -6,6 +6,7 @@ recent queue waits, the window of completed requests and batches."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ from app.engine.control import BatchControl
 from app.errors import Overloaded
 from app.quantiles import percentile
 from app.runners.base import ModelRunner
+from app.tracing import Tracer, trace_id_of
 from app.requests import InferenceResult, ModelInput
+
+logger = logging.getLogger("ray.serve")
 
 Enqueue = Callable[[BatchEntry], Awaitable[ChunkResult]]
 
@@ -43,7 +47,6 @@ class BulkPolicy:
 
     max_ongoing_requests: int  # bulk requests held at once; past it bulk gets 503, realtime still gets in
     batch_items: int  # items of one bulk chunk, and of a device batch of bulk alone
-    max_wait_s: float  # aging: a bulk batch waiting this long is served in arrival order with realtime
 
 
 class OneShotEngine:
@@ -51,17 +54,20 @@ class OneShotEngine:
                  observer: EngineObserver, batch_tokens: Optional[int] = None,
                  before_batch: Optional[BeforeBatch] = None, served_by: tuple[str, str] = ("", ""),
                  executor: Optional[ThreadPoolExecutor] = None, max_queue_wait_ms: Optional[float] = None,
-                 bulk: Optional[BulkPolicy] = None):
+                 bulk: Optional[BulkPolicy] = None, version: str = "1", tracer: Optional[Tracer] = None):
         self.name = name
-        self.bulk = bulk or BulkPolicy(max_ongoing_requests=1 << 30, batch_items=batching.max_batch_size,
-                                       max_wait_s=float("inf"))
+        self.version = version
+        self.tracer = tracer
+        self.bulk = bulk or BulkPolicy(max_ongoing_requests=1 << 30, batch_items=batching.max_batch_size)
         self.observer = observer
         self.served_by = served_by  # (replica id, node id) stamped on every result
         self.control = BatchControl(name, batching, memory_limit)
         self.control.listen(observer.batching)
         self.batcher = DeviceBatcher(name, runner, encoder, lambda: self.control.max_batch_size,
                                      self.control.config.max_concurrent_batches, batch_tokens, before_batch,
-                                     executor, bulk_items=self.bulk_items, bulk_max_wait_s=self.bulk.max_wait_s)
+                                     executor, bulk_items=self.bulk_items)
+        if served_by[0]:
+            self.batcher.batch_prefix = served_by[0]
         self.batcher.on_start = lambda entries: observer.dequeued(len(entries))
         self.batcher.on_batch = self._batch_done
         self.pending_items = 0  # items received and not yet answered (queued + running)
@@ -123,6 +129,7 @@ class OneShotEngine:
             batch_ms=max(r.batch_ms for r in results),
             replica=self.served_by[0],
             node=self.served_by[1],
+            batch_id=entries[-1].batch_id,
         )
 
     def items_per_s(self, span_s: float = 5.0) -> Optional[float]:
@@ -160,7 +167,25 @@ class OneShotEngine:
         while self._recent_batches[0][0] < now - 5.0:
             self._recent_batches.popleft()
         self.observer.batch_done(items, took_s * 1000.0, waits_ms)
+        self._trace_batch(entries, items, took_s)
         self._window.batch(time.perf_counter(), items / max(self.control.max_batch_size, 1), took_s)
+
+    def _trace_batch(self, entries: list[BatchEntry], items: int, took_s: float) -> None:
+        """The batch's log line (each request's id, trace id and class) and its span, linked to
+        every request's span (app/tracing.py)."""
+        if not entries:
+            return
+        batch_id = entries[0].batch_id
+        traced = [e.inputs for e in entries]
+        logger.info("batch %s model=%s version=%s items=%d ms=%.1f requests=%s", batch_id, self.name, self.version,
+                    items, took_s * 1000.0,
+                    " ".join(f"{i.request_id or '-'}/{trace_id_of(i.traceparent) or '-'}/{i.traffic_class}" for i in traced))
+        if self.tracer is not None:
+            end = time.time_ns()
+            span = self.tracer.batch_span(f"batch {self.name}", [i.traceparent for i in traced],
+                                          {"batch.id": batch_id, "batch.items": items, "model": self.name,
+                                           "model.version": self.version}, start_time=end - int(took_s * 1e9))
+            span.end(end_time=end)
 
     def autoscaling_stats(self, span_s: float = 5.0) -> dict[str, float]:
         """Items in the replica and the queue wait p99 of the last span (app/autoscaling.py)."""

@@ -19,6 +19,9 @@ class DeviceLost(RuntimeError):
 
 class ModelRunner(ABC):
     strategy: str = "?"
+    # Whether infer() may be called from two threads at once (the realtime and bulk lanes of the
+    # batcher, app/engine/coalesce.py). A rank gang steps in lockstep and takes one call at a time.
+    concurrent_calls: bool = False
 
     @abstractmethod
     def start(self) -> None:

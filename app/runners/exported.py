@@ -55,6 +55,7 @@ def max_abs_error(forward: Forward, expected: list[np.ndarray], batches: list[tu
 
 
 class BackendRunner(ModelRunner):
+    concurrent_calls = True  # a session (infer request) per lane: _engine
     strategy = "replicated"
 
     def __init__(self, spec: ModelSpec, vocab_size: int):
@@ -173,7 +174,8 @@ class BackendRunner(ModelRunner):
         return model.encoder.config if hasattr(model, "encoder") else model.classifier.config
 
     def _engine(self, name: str, path) -> Forward:
-        slots = self.spec.batching.max_concurrent_batches
+        # A session (or infer request) per device batch that may run at once: both lanes' (coalesce.py).
+        slots = 2 * self.spec.batching.max_concurrent_batches
         return (OnnxRuntimeEncoder if name == "onnxruntime" else OpenVinoEncoder)(path, self.threads, slots)
 
     # ------------------------------------------------------------------ serve

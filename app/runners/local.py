@@ -20,6 +20,7 @@ logger = logging.getLogger("ray.serve")
 
 
 class LocalRunner(ModelRunner):
+    concurrent_calls = True  # torch inference is thread-safe; CUDA graph replays take a lock
     strategy = "replicated"
 
     def __init__(self, spec: ModelSpec, vocab_size: int):

@@ -18,7 +18,7 @@ class Device:
         self.gate = asyncio.Event()
         self.fail_on = fail_on
 
-    async def run(self, entries: list[int]) -> list[int]:
+    async def run(self, entries: list[int], bulk_lane: bool = False) -> list[int]:
         self.batches.append(list(entries))
         await self.gate.wait()
         if self.fail_on is not None and self.fail_on in entries:
@@ -107,48 +107,55 @@ def test_two_slots_run_two_device_batches_at_once():
     assert asyncio.run(scenario()) == [[0], [1, 2]]
 
 
-def test_realtime_batches_lead_and_bulk_fills_what_they_leave():
+class LaneDevice(Device):
+    """Records which lane each device batch ran on."""
+
+    async def run(self, entries, bulk_lane=False):
+        self.batches.append((bulk_lane, list(entries)))
+        await self.gate.wait()
+        return [e * 10 for e in entries]
+
+
+def test_realtime_never_waits_for_a_running_bulk_batch_and_fills_with_bulk():
     async def scenario():
-        dev = Device()
+        dev = LaneDevice()
         co = BatchCoalescer(dev.run, len, lambda: 4, slots=1, bulk_items=lambda: 2)
         first = asyncio.create_task(co.submit([100, 101], bulk=True))
         await settle()
-        # Closed while the device is busy: two bulk batches first, then two realtime ones.
         later = [asyncio.create_task(co.submit(b, bulk=True)) for b in ([102], [103, 104])]
-        later += [asyncio.create_task(co.submit(b)) for b in ([1], [2, 3])]
+        rt = asyncio.create_task(co.submit([1, 2]))
         await settle()
+        # The bulk lane is busy with [100, 101]; the realtime batch started at once beside it and
+        # took bulk [102] into its room (1 + 2 + 1 <= 4; [103, 104] would not fit).
+        started = list(dev.batches)
         dev.gate.set()
-        await asyncio.gather(first, *later)
-        return dev.batches
+        await asyncio.gather(first, rt, *later)
+        return started, dev.batches
 
-    # Realtime's 3 items lead; bulk [102] fills the cap of 4; bulk alone then stops at 2 items.
-    assert asyncio.run(scenario()) == [[100, 101], [1, 2, 3, 102], [103, 104]]
+    started, batches = asyncio.run(scenario())
+    assert started == [(True, [100, 101]), (False, [1, 2, 102])]
+    assert batches[2:] == [(True, [103, 104])]  # bulk alone stops at bulk_items
 
 
-def test_a_bulk_batch_that_waited_past_its_limit_leads_again():
+def test_bulk_alone_runs_on_the_bulk_lane_only_and_progresses_under_realtime_load():
     async def scenario():
-        now = [0.0]
-        dev = Device()
-        co = BatchCoalescer(dev.run, len, lambda: 2, slots=1, bulk_items=lambda: 2, bulk_max_wait_s=1.0,
-                            clock=lambda: now[0])
-        first = asyncio.create_task(co.submit([1]))
-        await settle()
-        aged = asyncio.create_task(co.submit([100, 101], bulk=True))
-        now[0] = 0.5
-        fresh = [asyncio.create_task(co.submit([i])) for i in (2, 3, 4, 5)]
-        await settle()
-        now[0] = 5.0  # the bulk batch has waited 5 s: past its 1 s, and older than every realtime batch
-        dev.gate.set()
-        await asyncio.gather(first, aged, *fresh)
-        return dev.batches
-
-    assert asyncio.run(scenario()) == [[1], [100, 101], [2, 3], [4, 5]]
-
-
-def test_without_aging_bulk_waits_while_realtime_keeps_the_device_busy():
-    async def scenario():
-        dev = Device()
+        dev = LaneDevice()
         co = BatchCoalescer(dev.run, len, lambda: 2, slots=1, bulk_items=lambda: 2)
+        rt = [asyncio.create_task(co.submit([i])) for i in (1, 2, 3, 4, 5)]
+        bulk = asyncio.create_task(co.submit([100, 101], bulk=True))
+        await settle()
+        started = list(dev.batches)
+        dev.gate.set()
+        await asyncio.gather(bulk, *rt)
+        return started
+
+    assert asyncio.run(scenario()) == [(False, [1, 2]), (True, [100, 101])]  # side by side
+
+
+def test_one_lane_runs_realtime_first():
+    async def scenario():
+        dev = LaneDevice()
+        co = BatchCoalescer(dev.run, len, lambda: 2, slots=1, bulk_items=lambda: 2, lanes=False)
         first = asyncio.create_task(co.submit([1]))
         await settle()
         bulk = asyncio.create_task(co.submit([100, 101], bulk=True))
@@ -158,4 +165,4 @@ def test_without_aging_bulk_waits_while_realtime_keeps_the_device_busy():
         await asyncio.gather(first, bulk, *rt)
         return dev.batches
 
-    assert asyncio.run(scenario()) == [[1], [2, 3], [4, 5], [100, 101]]
+    assert asyncio.run(scenario()) == [(False, [1]), (False, [2, 3]), (False, [4, 5]), (False, [100, 101])]
