@@ -61,7 +61,8 @@ class RequestGatherer:
             raise result
         return result
 
-    async def _send(self, waiting: list[_Waiting]) -> list[InferenceResult | ServingError]:
+    async def _send(self, waiting: list[_Waiting], bulk_lane: bool = False) -> list[InferenceResult | ServingError]:
+        """One merged call (the gatherer carries realtime requests only: bulk_lane is never set)."""
         sent = time.perf_counter()
         self.calls += 1
         try:

@@ -260,3 +260,35 @@ def test_a_request_predicted_to_wait_past_the_budget_is_shed_at_once():
     off = engine(SlowRunner(), max_batch_size=2)  # no budget: nothing is shed
     asyncio.run(off.infer(ModelInput(token_ids=[[1], [1]]), direct(off)))
     assert off.max_queue_wait_ms is None
+
+
+def test_a_full_bulk_class_refuses_bulk_and_still_takes_realtime():
+    from app.engine import BulkPolicy
+    from app.errors import Overloaded
+
+    gate = threading.Event()
+    cfg = BatchingConfig.model_validate({"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+    e = OneShotEngine("fake", FakeRunner(gate=gate), IdEncoder(), cfg, 1024, Recorder(),
+                      bulk=BulkPolicy(max_ongoing_requests=1, batch_items=2))
+
+    async def main():
+        held = asyncio.create_task(e.infer(ModelInput(token_ids=[[1, 1]] * 5, traffic_class="bulk"), direct(e),
+                                           direct_bulk(e)))
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded, match="bulk limit"):
+            await e.infer(ModelInput(token_ids=[[2, 2]], traffic_class="bulk"), direct(e), direct_bulk(e))
+        realtime = asyncio.create_task(e.infer(ModelInput(token_ids=[[3, 3]]), direct(e), direct_bulk(e)))
+        await asyncio.sleep(0.02)
+        gate.set()
+        return await held, await realtime
+
+    bulk, realtime = asyncio.run(main())
+    assert bulk.outputs.tolist() == sums([[1, 1]] * 5) and realtime.outputs.tolist() == sums([[3, 3]])
+    assert e.batcher.runner.shapes[0][0] == 2  # the first bulk chunk ran alone, at bulk's batch_items
+    assert e.bulk_requests == 0
+
+
+def direct_bulk(e: OneShotEngine):
+    async def enqueue(entry: BatchEntry):
+        return (await e.batcher.run([entry], bulk=True))[0]
+    return enqueue
