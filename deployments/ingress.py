@@ -140,12 +140,12 @@ class Ingress(GenerationRoutes):
             span.end()
         return result, traceparent
 
-    async def _describe(self, name: str, version: Optional[str] = None) -> dict[str, Any]:
+    async def _describe(self, name: str, version: Optional[str] = None, fresh: bool = False) -> dict[str, Any]:
         """What a version's model server says of itself (default: the model's first version), with
-        the model's versions and split beside it."""
+        the model's versions and split beside it. `fresh`: ask again (live batching, for /v1/models)."""
         version = version or self.specs[name].version_names()[0]
         key = f"{name}@{version}"
-        if key not in self._metadata:
+        if fresh or key not in self._metadata:
             self._metadata[key] = await self.clients[name][version].describe()
         return {**self._metadata[key], "version": version, "versions": self.splits[name].versions,
                 "split": self.splits[name].weights}
@@ -247,7 +247,7 @@ class Ingress(GenerationRoutes):
     @api.get("/v1/models")
     async def list_models(self) -> Response:
         """OpenAI's list shape (`openai.models.list()` reads it), each entry with the service's own fields."""
-        described = await asyncio.gather(*(self._describe(n) for n in self.specs))
+        described = await asyncio.gather(*(self._describe(n, fresh=True) for n in self.specs))
         return json_response({"object": "list", "data": [
             {"id": d["name"], "object": "model", "created": self._started, "owned_by": "batchserve", **d}
             for d in described]})
