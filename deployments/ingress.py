@@ -52,7 +52,8 @@ class Ingress(GenerationRoutes):
             model = args.model(name)
             # Generators stream through their handle (generate_routes.py); merging is for one-shot calls.
             one_shot = model.task != "generate"
-            clients[name] = {v: GatheringClient(model.version_specs()[v], h, gather) if gather and one_shot
+            specs = model.version_specs()
+            clients[name] = {v: GatheringClient(specs[v], h, gather) if gather and one_shot
                              else HandleClient(model.deployment_name(v), h) for v, h in versions.items()}
         self.generators = {n: next(iter(vs.values())) for n, vs in handles.items() if args.model(n).task == "generate"}
         self._setup(args, clients, vocab_sizes)

@@ -99,8 +99,7 @@ class ModelSpec(_Strict):
             raise ValueError("versions: at least one version needs a weight above 0")
         if self.task == "generate":
             raise ValueError("versions: a generator serves one version (versions are for embed and classify models)")
-        for v in self.versions:
-            self.model_validate({**self.model_dump(exclude={"versions"}), **v.overrides()})  # each must stand alone
+        self.version_specs()  # each version must stand alone as a model
 
     def version_names(self) -> list[str]:
         return [v.name for v in self.versions] or [DEFAULT_VERSION]
