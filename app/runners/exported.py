@@ -174,9 +174,10 @@ class BackendRunner(ModelRunner):
         return model.encoder.config if hasattr(model, "encoder") else model.classifier.config
 
     def _engine(self, name: str, path) -> Forward:
-        # A session (or infer request) per device batch that may run at once: both lanes' (coalesce.py).
-        slots = 2 * self.spec.batching.max_concurrent_batches
-        return (OnnxRuntimeEncoder if name == "onnxruntime" else OpenVinoEncoder)(path, self.threads, slots)
+        # Threads split as the config says; a session (or infer request) for each batch of both lanes.
+        streams = self.spec.batching.max_concurrent_batches
+        engine = OnnxRuntimeEncoder if name == "onnxruntime" else OpenVinoEncoder
+        return engine(path, self.threads, streams, 2 * streams)
 
     # ------------------------------------------------------------------ serve
 
