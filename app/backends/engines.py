@@ -1,11 +1,9 @@
 """Encoder forwards on an ONNX export: ONNX Runtime and OpenVINO, each as a callable
 (ids [B, L] int64, mask [B, L] int64) -> outputs [B, D] float32, numpy in and out.
 
-`streams` is how many batches the replica runs at once by its config (max_concurrent_batches):
-the replica's threads are split into that many equal parts, as before there were traffic lanes.
-`slots` (at least `streams`) is how many batches may be in flight, both lanes' (coalesce.py): each
-has its own session (ONNX Runtime) or infer request (OpenVINO), so none is used by two at once;
-a bulk batch beside a realtime one shares the cores instead of halving every batch's threads.
+`slots` is how many batches may run at once (the replica's max_concurrent_batches): each slot has
+its own session (ONNX Runtime) or infer request on its own stream (OpenVINO) with an equal part
+of the replica's threads, so two batches in flight do not contend for one thread pool.
 """
 
 from __future__ import annotations
@@ -65,12 +63,12 @@ def ort_optimize(onnx_path: Path, model_type: str, out: Path) -> None:
 
 
 class OnnxRuntimeEncoder:
-    def __init__(self, onnx_path: Path, threads: int, streams: int, slots: int):
+    def __init__(self, onnx_path: Path, threads: int, slots: int):
         import onnxruntime as ort
 
-        per_slot = max(1, threads // streams)
+        per_slot = max(1, threads // slots)
         sessions = []
-        for _ in range(max(slots, streams)):
+        for _ in range(slots):
             so = ort.SessionOptions()
             so.intra_op_num_threads = per_slot
             so.inter_op_num_threads = 1
@@ -86,14 +84,14 @@ class OnnxRuntimeEncoder:
 
 
 class OpenVinoEncoder:
-    def __init__(self, onnx_path: Path, threads: int, streams: int, slots: int):
+    def __init__(self, onnx_path: Path, threads: int, slots: int):
         import openvino as ov
 
         core = ov.Core()
         config = {
-            "INFERENCE_NUM_THREADS": max(threads, streams),
-            "NUM_STREAMS": streams,
-            "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+            "INFERENCE_NUM_THREADS": max(threads, slots),
+            "NUM_STREAMS": slots,
+            "PERFORMANCE_HINT": "LATENCY" if slots == 1 else "THROUGHPUT",
             # fp32, as the model was trained and as torch runs it: on CPUs with bf16 units OpenVINO
             # otherwise picks bf16, whose outputs differ by ~1e-2.
             "INFERENCE_PRECISION_HINT": "f32",
@@ -101,7 +99,7 @@ class OpenVinoEncoder:
             "ENABLE_CPU_PINNING": False,
         }
         self._compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
-        self._pool = _Pool([self._compiled.create_infer_request() for _ in range(max(slots, streams))])
+        self._pool = _Pool([self._compiled.create_infer_request() for _ in range(slots)])
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         def run(req) -> np.ndarray:
