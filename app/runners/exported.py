@@ -174,10 +174,10 @@ class BackendRunner(ModelRunner):
         return model.encoder.config if hasattr(model, "encoder") else model.classifier.config
 
     def _engine(self, name: str, path) -> Forward:
-        # A session (or infer request) per device batch that may run at once, both lanes' (coalesce.py),
-        # each with an equal part of the threads: sessions of full threads each contend when a bulk
-        # batch runs beside a realtime one (realtime p99 under bulk 3.18x alone against 1.61x, same
-        # run, docs/performance.md "Traffic classes"), and a lone realtime batch was no faster.
+        # A session (or infer request on its own stream) per device batch that may run at once, both
+        # lanes' (coalesce.py): with fewer OpenVINO streams than batches, a realtime batch waits for
+        # the bulk one on its stream (realtime p99 under bulk 3.18x alone against 1.61x, same run,
+        # docs/performance.md "Traffic classes").
         slots = 2 * self.spec.batching.max_concurrent_batches
         return (OnnxRuntimeEncoder if name == "onnxruntime" else OpenVinoEncoder)(path, self.threads, slots)
 
