@@ -2,7 +2,7 @@
 saturating bulk load (closed-loop clients sending 64-item bulk requests), each alone and together,
 and the same mix sent without classes (bulk as realtime) to show what the classes buy.
 
-    python -m bench.traffic_classes [--config serve_config.yaml] [--rate 20] [--bulk-clients 4] [--out DIR]
+    python -m bench.traffic_classes [--config serve_config.yaml] [--model minilm] [--rate 20] [--bulk-clients 4] [--out DIR]
 
 The acceptance test (tests/integration/test_traffic_classes.py) calls `measure` against the test
 cluster. Prints one table and writes traffic_classes.json under --out (default $OUT, else .).
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bulk-clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--replicas", type=int, help="pin each model to this many replicas (autoscaling off)")
+    ap.add_argument("--model", default="minilm", help="the model measured; the others are left out of the config")
     ap.add_argument("--one-lane", action="store_true",
                     help="realtime and bulk share one device lane (realtime first): the A/B of the two lanes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from deployments.control import wait_ready
 
         config = yaml.safe_load(Path(a.config).read_text())
+        for app in config["applications"]:
+            app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == a.model]
         if a.replicas:
             for app in config["applications"]:
                 for m in app["args"]["models"]:
@@ -132,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                 app.setdefault("runtime_env", {}).setdefault("env_vars", {})[ONE_LANE_ENV] = "1"
         path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
         path.write_text(yaml.safe_dump(config))
-        server = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT)
+        # A module, not the console script: on the GPU machine the carried packages are on PYTHONPATH only.
+        server = subprocess.Popen([sys.executable, "-m", "ray.serve.scripts", "run", str(path)], cwd=ROOT)
         url = "http://127.0.0.1:8000"
         wait_ready(url, timeout_s=300)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            r = measure(url, Path(tmp), seconds=a.seconds, realtime_rate=a.rate, bulk_clients=a.bulk_clients)
+            r = measure(url, Path(tmp), path=f"/v1/models/{a.model}:predict", seconds=a.seconds,
+                        realtime_rate=a.rate, bulk_clients=a.bulk_clients)
     finally:
         if server is not None:
             server.terminate()
