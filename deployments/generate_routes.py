@@ -18,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import LimitsConfig, ModelSpec
 from app.errors import GenerationTimeout, InvalidInput, ModelFailure, ServingError
+from app.traffic import PRIORITY_HEADER
 from app.protocols.openai import (SSE_DONE, Answer, GenerateCall, GenEvent, openai_error, parse_chat,
                                   parse_completion, parse_v2_generate, sse)
 from deployments.clients import as_serving_error
@@ -100,7 +101,7 @@ class GenerationRoutes:
         try:
             body = await self._generation_body(request)
             parse = parse_completion if kind == "completion" else parse_chat
-            req, call, spec = parse(body, self._generator_spec)
+            req, call, spec = parse(body, self._generator_spec, request.headers.get(PRIORITY_HEADER))
             gen, start = await self._start(spec.name, call)
         except ServingError as e:
             return json_response(openai_error(e), e.status_code, {"Retry-After": "1"} if e.status_code == 503 else None)
@@ -149,7 +150,7 @@ class GenerationRoutes:
     @api.post("/v2/models/{name}/generate")
     async def v2_generate(self, name: str, request: Request) -> Response:
         spec = self._generator_spec(name)
-        call = parse_v2_generate(await self._generation_body(request, spec), spec)
+        call = parse_v2_generate(await self._generation_body(request, spec), spec, request.headers.get(PRIORITY_HEADER))
         gen, _ = await self._start(name, call)
         text, last = await self._collect(gen)
         return json_response({"model_name": name, "model_version": "1", "text_output": text,
@@ -158,7 +159,7 @@ class GenerationRoutes:
     @api.post("/v2/models/{name}/generate_stream")
     async def v2_generate_stream(self, name: str, request: Request) -> Response:
         spec = self._generator_spec(name)
-        call = parse_v2_generate(await self._generation_body(request, spec), spec)
+        call = parse_v2_generate(await self._generation_body(request, spec), spec, request.headers.get(PRIORITY_HEADER))
         gen, _ = await self._start(name, call)
 
         async def events() -> AsyncIterator[bytes]:

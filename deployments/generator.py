@@ -63,7 +63,11 @@ class GeneratorServer:
                                        # a cancelled stream leaves Serve's count a moment before it leaves ours.
                                        max_sequences=2 * spec.effective_max_ongoing_requests(),
                                        max_step_tokens=g.max_step_tokens, page_size=g.page_size,
-                                       max_context_tokens=spec.max_seq_len)
+                                       max_context_tokens=spec.max_seq_len,
+                                       # Bulk: a share of the running batch (traffic.bulk.batch_items, else half)
+                                       # and of the sequences held, so realtime always finds room.
+                                       bulk_max_running=spec.traffic.bulk.batch_items,
+                                       bulk_max_sequences=spec.bulk_max_ongoing_requests())
         self.served_by = serve.get_replica_context().replica_id.unique_id
         self.metrics = GenerationMetrics(spec, plan, cost, [str(i) for i in ray.get_gpu_ids()], self.engine.stats)
         self.device = device
@@ -109,7 +113,7 @@ class GeneratorServer:
             raise PayloadTooLarge(f"the prompt has {len(ids)} tokens, over this model's limit of "
                                   f"{self.spec.prompt_token_limit()}")
         params = self._sampling_params(call.max_tokens, call.temperature, call.top_p, call.seed)
-        stream = self.engine.stream(ids, params)
+        stream = self.engine.stream(ids, params, bulk=call.traffic_class == "bulk")
         decoder = self.text.decoder(call.stop)
         produced, last, started = 0, None, False
         try:

@@ -69,7 +69,8 @@ class BulkClassOptions(_Strict):
     # Bulk requests one replica holds at once (None: half its max_ongoing_requests).
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
     # Items of one bulk device batch (None: batching.max_batch_size). Smaller bulk batches end
-    # sooner, so a realtime request arriving behind one waits less.
+    # sooner, so a realtime request arriving behind one waits less. For generators: the bulk
+    # sequences in the running batch at once (None: half of generation.max_running_sequences).
     batch_items: Optional[int] = Field(None, ge=1)
 
 

@@ -9,6 +9,9 @@ retires sequences that finish. This module is what the service adds around it:
 - sampling per request, reproducible by seed (app/engine/sampling.py), in the same batch as greedy;
 - admission: a bounded number of sequences held (running + waiting) and refusal before queueing of
   a request that could never fit;
+- traffic classes: bulk sequences are held to their own bound (past it, 503 to bulk alone) and at
+  most `bulk_max_running` of them are in the manager at once; the rest wait here, so realtime
+  requests always find room in the running batch beside bulk (README "Traffic classes");
 - an async stream of new tokens per request, on the caller's event loop; a consumer that goes away
   (client disconnect, timeout) cancels its sequence, which frees its cache blocks at the next step;
 - the statistics the metrics and the autoscaler read.
@@ -19,6 +22,7 @@ No Ray here: the Serve shell (deployments/generator.py) and the tests drive it d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -66,6 +70,7 @@ class GenerationEngine:
 
     def __init__(self, model: Any, eos_token_ids: list[int], budget: KVBudget, *, max_running: int,
                  max_sequences: int, max_step_tokens: int, page_size: int = 32, max_context_tokens: int,
+                 bulk_max_running: Optional[int] = None, bulk_max_sequences: Optional[int] = None,
                  manager_options: Optional[dict[str, Any]] = None):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -79,6 +84,11 @@ class GenerationEngine:
         self.eos_token_ids = eos_token_ids or [-1]
         self._ids = itertools.count()
         self._held = 0
+        # Bulk: at most bulk_max_running in the manager (running or in its queue), bulk_max_sequences held.
+        self.bulk_max_running = min(max_running, bulk_max_running or max(1, max_running // 2))
+        self.bulk_max_sequences = min(max_sequences, bulk_max_sequences or max(1, max_sequences // 2))
+        self._bulk_held = 0
+        self._bulk_slots = asyncio.Semaphore(self.bulk_max_running)
         generation = GenerationConfig(do_sample=False, eos_token_id=self.eos_token_ids, pad_token_id=0,
                                       max_new_tokens=1)
         cb = ContinuousBatchingConfig(
@@ -113,18 +123,35 @@ class GenerationEngine:
             raise PayloadTooLarge(f"prompt + max_tokens = {total} tokens can never fit this replica's KV cache "
                                   f"({self.budget.tokens} tokens)")
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, bulk: bool = False
+                     ) -> AsyncIterator[TokenEvent]:
         """New tokens as the steps produce them. Closing the iterator early (the caller stopped
-        reading, was cancelled or timed out) cancels the sequence."""
+        reading, was cancelled or timed out) cancels the sequence. A bulk sequence first waits for
+        one of the bulk places in the running batch."""
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         if self._held >= self.max_sequences:
             raise Overloaded(f"{self._held} sequences already held by this replica (max {self.max_sequences})")
+        if bulk and self._bulk_held >= self.bulk_max_sequences:
+            raise Overloaded(f"bulk limit: {self._bulk_held} bulk sequences already held by this replica "
+                             f"(max {self.bulk_max_sequences}); realtime requests are still admitted")
         if not self.manager.is_running():
             raise ModelFailure("the generation loop has stopped")
+        self._held += 1
+        self._bulk_held += bulk
+        try:
+            async with self._bulk_slots if bulk else contextlib.nullcontext():
+                # aclosing: a consumer that goes away closes the sequence now, not when it is collected.
+                async with contextlib.aclosing(self._run(prompt_ids, params)) as events:
+                    async for event in events:
+                        yield event
+        finally:
+            self._held -= 1
+            self._bulk_held -= bulk
+
+    async def _run(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         request_id = f"g{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         self.manager.register_result_handler(request_id, outputs.put_nowait)
-        self._held += 1
         finished = False
         try:
             self.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=params.max_new_tokens,
@@ -149,7 +176,6 @@ class GenerationEngine:
                 if new or finished:
                     yield TokenEvent(new, finished, reason)
         finally:
-            self._held -= 1
             if not finished:
                 self.manager.cancel_request(request_id)
                 with self.manager.output_router._lock:
@@ -174,7 +200,8 @@ class GenerationEngine:
 
     def describe(self) -> dict[str, Any]:
         return {**self.budget.as_dict(), "max_running_sequences": self.max_running, "max_held_sequences": self.max_sequences,
-                "max_context_tokens": self.max_context_tokens}
+                "max_context_tokens": self.max_context_tokens, "bulk_max_running_sequences": self.bulk_max_running,
+                "bulk_max_held_sequences": self.bulk_max_sequences}
 
     def shutdown(self) -> None:
         if self.manager.is_running():

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.config import ModelSpec
 from app.errors import InvalidInput, ServingError
+from app.traffic import header_class, traffic_class
 
 MAX_MESSAGES = 256
 
@@ -37,6 +38,8 @@ class _Request(BaseModel):
     stream_options: Optional[dict[str, Any]] = None
     logprobs: Any = None
     echo: bool = False
+    # The traffic class (README "Traffic classes"); the X-Priority header says it too, this wins.
+    priority: Any = None
 
     @field_validator("n")
     @classmethod
@@ -113,6 +116,7 @@ class GenerateCall:
     top_p: float
     seed: int
     stop: list[str] = field(default_factory=list)
+    traffic_class: str = "realtime"
 
 
 @dataclass
@@ -140,7 +144,7 @@ def _text_chars(spec: ModelSpec, chars: int) -> None:
 
 
 def _call(spec: ModelSpec, req: _Request, max_tokens: Optional[int], prompt: Optional[str],
-          messages: Optional[list[dict[str, str]]]) -> GenerateCall:
+          messages: Optional[list[dict[str, str]]], priority_header: Optional[str]) -> GenerateCall:
     g = spec.generation
     n = g.default_max_tokens if max_tokens is None else max_tokens
     if n > g.max_new_tokens:
@@ -152,22 +156,26 @@ def _call(spec: ModelSpec, req: _Request, max_tokens: Optional[int], prompt: Opt
         # No seed: a fresh one, so the request samples; the same seed gives the same text.
         seed=secrets.randbits(63) if req.seed is None else req.seed,
         stop=list(req.stop or []) or list(g.stop),  # type: ignore[arg-type]
+        traffic_class=(header_class(priority_header, spec.traffic.default_class) if req.priority is None
+                       else traffic_class(req.priority, "priority")),
     )
 
 
-def parse_completion(body: bytes, spec_of) -> tuple[CompletionRequest, GenerateCall, ModelSpec]:
+def parse_completion(body: bytes, spec_of, priority_header: Optional[str] = None
+                     ) -> tuple[CompletionRequest, GenerateCall, ModelSpec]:
     req = _parse(CompletionRequest, body)
     spec = spec_of(req.model)
     _text_chars(spec, len(req.prompt))  # type: ignore[arg-type]
-    return req, _call(spec, req, req.max_tokens, req.prompt, None), spec  # type: ignore[arg-type]
+    return req, _call(spec, req, req.max_tokens, req.prompt, None, priority_header), spec  # type: ignore[arg-type]
 
 
-def parse_chat(body: bytes, spec_of) -> tuple[ChatRequest, GenerateCall, ModelSpec]:
+def parse_chat(body: bytes, spec_of, priority_header: Optional[str] = None
+               ) -> tuple[ChatRequest, GenerateCall, ModelSpec]:
     req = _parse(ChatRequest, body)
     spec = spec_of(req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     _text_chars(spec, sum(len(m["content"]) for m in messages))
-    return req, _call(spec, req, req.max_completion_tokens or req.max_tokens, None, messages), spec
+    return req, _call(spec, req, req.max_completion_tokens or req.max_tokens, None, messages, priority_header), spec
 
 
 def _parse(cls, body: bytes):
@@ -178,8 +186,8 @@ def _parse(cls, body: bytes):
         raise _invalid(e) from None
 
 
-def parse_v2_generate(body: bytes, spec: ModelSpec) -> GenerateCall:
-    """Triton's generate extension: {"text_input": ..., "parameters": {max_tokens, temperature, ...}}."""
+def parse_v2_generate(body: bytes, spec: ModelSpec, priority_header: Optional[str] = None) -> GenerateCall:
+    """Triton's generate extension: {"text_input": ..., "parameters": {max_tokens, temperature, priority, ...}}."""
     doc = _parse_object(body)
     text = doc.get("text_input")
     if not isinstance(text, str):
@@ -192,7 +200,7 @@ def parse_v2_generate(body: bytes, spec: ModelSpec) -> GenerateCall:
     except ValidationError as e:
         raise _invalid(e) from None
     _text_chars(spec, len(text))
-    return _call(spec, req, req.max_tokens, text, None)
+    return _call(spec, req, req.max_tokens, text, None, priority_header)
 
 
 def _parse_object(body: bytes) -> dict[str, Any]:

@@ -103,6 +103,27 @@ def test_greedy_equals_generate_for_concurrent_prompts_of_different_lengths(gen_
         assert a["choices"][0]["finish_reason"] == ("stop" if ref[-1] in eos else "length")
 
 
+def test_bulk_and_realtime_sequences_share_the_batch_with_the_same_text(gen_url):
+    """Bulk streams (X-Priority header, body field, v2 parameters) and realtime ones at once: every
+    one answered, and the class changes where a sequence waits, never its greedy text."""
+    body = {"model": MODEL, "prompt": "the batch holds", "max_tokens": 16, "temperature": 0}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=gen_url, timeout=120) as c:
+            alone = (await c.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+            calls = [c.post("/v1/completions", json=body, headers={"X-Priority": "bulk"}) for _ in range(6)]
+            calls += [c.post("/v1/completions", json={**body, "priority": "bulk"}) for _ in range(2)]
+            calls += [c.post(f"/v2/models/{MODEL}/generate", json={"text_input": body["prompt"], "parameters": {
+                "max_tokens": 16, "temperature": 0, "priority": "bulk"}})]
+            calls += [c.post("/v1/completions", json=body, headers={"X-Priority": "realtime"}) for _ in range(3)]
+            return alone, await asyncio.gather(*calls)
+
+    alone, rs = asyncio.run(run())
+    assert [r.status_code for r in rs] == [200] * len(rs), [r.text for r in rs if r.status_code != 200]
+    texts = [r.json()["text_output"] if "text_output" in r.json() else r.json()["choices"][0]["text"] for r in rs]
+    assert texts == [alone] * len(rs)
+
+
 def test_a_seed_reproduces_across_requests_under_load(gen_url):
     body = {"model": MODEL, "prompt": "once upon a time", "max_tokens": 20, "temperature": 1.0, "seed": 7}
 
@@ -123,6 +144,7 @@ def test_a_seed_reproduces_across_requests_under_load(gen_url):
     ({"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "word " * 400}, 413, "tokens"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 65}, 400, "limit of 64"),
+    ({"model": MODEL, "prompt": "x", "priority": "urgent"}, 400, "traffic class"),
 ])
 def test_bad_completions_get_clear_errors(gen_url, body, status, needle):
     r = httpx.post(f"{gen_url}/v1/completions", json=body, timeout=30)

@@ -129,3 +129,45 @@ def test_refusals_come_before_queueing(engine):
 
     outcomes = asyncio.run(flood())
     assert sum(isinstance(o, Overloaded) for o in outcomes) == 1  # 24 held at most
+
+
+def test_bulk_takes_its_share_of_the_batch_and_realtime_still_gets_in(model):
+    """Bulk sequences: at most bulk_max_running in the running batch (the rest wait in the engine),
+    at most bulk_max_sequences held (then 503 to bulk alone); realtime joins beside them at once,
+    and every waiting bulk sequence runs when a place frees."""
+    budget = kv_budget(10**9, kv_bytes_per_token(model.config, torch.float32.itemsize), 0.8, 4096)
+    eng = GenerationEngine(model, [EOS], budget, max_running=4, max_sequences=24, max_step_tokens=256,
+                           max_context_tokens=512, bulk_max_running=2, bulk_max_sequences=6)
+    try:
+        async def run():
+            producing, peak = 0, 0  # bulk sequences between their first token and their end
+
+            async def bulk(p):
+                nonlocal producing, peak
+                n = 0
+                async for ev in eng.stream(p, SamplingParams(max_new_tokens=300), bulk=True):
+                    if n == 0:
+                        producing += 1
+                        peak = max(peak, producing)
+                    n += len(ev.tokens)
+                producing -= 1
+                return n
+
+            bulks = [asyncio.create_task(bulk(p)) for p in prompts(6)]
+            while producing < 2:
+                await asyncio.sleep(0.005)
+            held_while_bulk = eng.stats().held
+            with pytest.raises(Overloaded, match="bulk limit"):
+                await anext(eng.stream([1, 2, 3], SamplingParams(max_new_tokens=2), bulk=True))
+            realtime = await asyncio.wait_for(collect(eng, [5, 6, 7], SamplingParams(max_new_tokens=4)), 30)
+            done = await asyncio.wait_for(asyncio.gather(*bulks), 120)
+            return peak, held_while_bulk, realtime, done
+
+        peak, held, realtime, done = asyncio.run(run())
+        assert peak == 2, peak
+        assert held == 6  # two running, four waiting in the engine: all counted for the autoscaler
+        assert len(realtime[0]) == 4
+        assert all(0 < n <= 300 for n in done), done  # each ran (an EOS may end one early)
+        assert eng.describe()["bulk_max_running_sequences"] == 2
+    finally:
+        eng.shutdown()
