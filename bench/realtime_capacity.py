@@ -19,34 +19,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
 import yaml
 
 from bench.hey import require_hey, run_hey
+from bench.traffic_classes import one_model_config
+from deployments.control import wait_ready
 
 
 def _config(root: Path, model: str, replicas: int) -> Path:
-    config = yaml.safe_load((root / "serve_config.yaml").read_text())
-    for app in config["applications"]:
-        app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == model]
-        for m in app["args"]["models"]:
-            m["autoscaling"] = {**m.get("autoscaling", {}), "enabled": False}
-            m["deployment"] = {**m.get("deployment", {}), "num_replicas": replicas}
+    config = one_model_config(yaml.safe_load((root / "serve_config.yaml").read_text()), model, replicas)
     path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
 
 
 def measure_root(root: Path, model: str, replicas: int, seconds: float, connections: int) -> dict:
@@ -56,7 +40,7 @@ def measure_root(root: Path, model: str, replicas: int, seconds: float, connecti
                               cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = "http://127.0.0.1:8000"
     try:
-        _wait_ready(url, 300)
+        wait_ready(url, timeout_s=300)
         body = json.dumps({"instances": ["The quick brown fox jumps over the lazy dog."]}).encode()
         target = f"{url}/v1/models/{model}:predict"
         run_hey(target, body, connections, 3, require_hey())  # warm-up

@@ -4,7 +4,7 @@ and the same mix sent without classes (bulk as realtime) to show what the classe
 
     python -m bench.traffic_classes [--config serve_config.yaml] [--model minilm] [--rate 20] [--bulk-clients 4] [--out DIR]
 
-The acceptance test (tests/integration/test_traffic_classes.py) calls `measure` against the test
+The acceptance test (tests/integration/test_traffic.py) calls `measure` against the test
 cluster. Prints one table and writes traffic_classes.json under --out (default $OUT, else .).
 """
 
@@ -88,6 +88,16 @@ def measure(base_url: str, workdir: Path, path: str = "/v1/models/minilm:predict
             "realtime_without_classes": _realtime(rt_flat), "bulk_without_classes": _bulk(bulk_flat, seconds)}
 
 
+def one_model_config(config: dict, model: str, replicas: int | None) -> dict:
+    """A serve config with only `model` left, its replicas pinned (autoscaling off) when given."""
+    for app in config["applications"]:
+        app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == model]
+        for m in app["args"]["models"] if replicas else []:
+            m["autoscaling"] = {**m.get("autoscaling", {}), "enabled": False}
+            m["deployment"] = {**m.get("deployment", {}), "num_replicas": replicas}
+    return config
+
+
 def print_table(r: dict[str, Any]) -> None:
     alone = r["realtime_alone"]["p99_ms"]
     print(f"{'run':<28}{'realtime p50 ms':>16}{'realtime p99 ms':>16}{'p99 / alone':>12}{'bulk items/s':>14}")
@@ -122,14 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         from app.engine.batcher import ONE_LANE_ENV
         from deployments.control import wait_ready
 
-        config = yaml.safe_load(Path(a.config).read_text())
-        for app in config["applications"]:
-            app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == a.model]
-        if a.replicas:
-            for app in config["applications"]:
-                for m in app["args"]["models"]:
-                    m["autoscaling"] = {**m.get("autoscaling", {}), "enabled": False}
-                    m["deployment"] = {**m.get("deployment", {}), "num_replicas": a.replicas}
+        config = one_model_config(yaml.safe_load(Path(a.config).read_text()), a.model, a.replicas)
         if a.one_lane:
             for app in config["applications"]:
                 app.setdefault("runtime_env", {}).setdefault("env_vars", {})[ONE_LANE_ENV] = "1"
