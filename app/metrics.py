@@ -98,7 +98,8 @@ def replica_hourly_cost_usd(spec: ModelSpec, plan: ParallelPlan, cost: CostConfi
     gpu_kind = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
     if plan.strategy == "deepspeed_tp":
         gpus = plan.tp if gpu_kind else 0
-        cpus = d.num_cpus + plan.tp * spec.parallel.rank_num_cpus
+        # A generator replica is rank 0 of its gang; an encoder replica drives tp ranks beside it.
+        cpus = (0 if spec.task == "generate" else d.num_cpus) + plan.tp * spec.parallel.rank_num_cpus
     elif plan.strategy == "fairscale_pp":
         gpus = plan.pp if gpu_kind else 0
         cpus = d.num_cpus

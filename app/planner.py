@@ -242,23 +242,31 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         return ParallelPlan("replicated", 1, 1, 1, None, 1, mb, mem, fp.param_bytes, fp.param_bytes, act, int(usable),
                             tuple(reasons + [why, f"max_batch_size {mb} = min(cap {cap}, floor(free x 0.8 / per-sample))"]))
 
-    def generator(why: str) -> ParallelPlan:
+    def generator(why: str, t: int = 1) -> ParallelPlan:
+        """A generator on one device (t = 1) or a tp-rank gang: each rank holds 1/t of the weights
+        and of every token's keys and values, so the KV budget is counted per rank."""
         g = spec.generation
         run = g.max_running_sequences
-        budget = kv_budget(int(max(0.0, usable - fp.param_bytes)), fp.kv_bytes_per_token, g.kv_cache_memory_fraction,
+        if t > 1 and not _tp_ok(fp, t):
+            raise PlanError(f"{spec.name}: tp={t} must divide attention heads ({fp.num_heads}), kv heads "
+                            f"({fp.num_kv_heads}) and hidden size ({fp.hidden_size})")
+        p_bytes, kv_per_rank = fp.param_bytes / t, fp.kv_bytes_per_token // t
+        budget = kv_budget(int(max(0.0, usable - p_bytes)), kv_per_rank, g.kv_cache_memory_fraction,
                            g.kv_cache_max_tokens)
         kv_tokens = budget.tokens
         cap_note = f" (capped by kv_cache_max_tokens {g.kv_cache_max_tokens})" if budget.capped_by else ""
+        where = "" if t == 1 else f" per rank of tp={t}"
         if kv_tokens < spec.max_seq_len:
             raise PlanError(
-                f"{spec.name}: after {_gb(fp.param_bytes)} of parameters, {_gb(max(0.0, usable - fp.param_bytes))} "
-                f"leaves a KV cache of {kv_tokens} tokens ({fp.kv_bytes_per_token} bytes each), under one "
-                f"full-length sequence ({spec.max_seq_len}); generation across devices is not built yet")
+                f"{spec.name}: after {_gb(p_bytes)} of parameters{where}, {_gb(max(0.0, usable - p_bytes))} "
+                f"leaves a KV cache of {kv_tokens} tokens ({kv_per_rank} bytes each{where}), under one "
+                f"full-length sequence ({spec.max_seq_len}); a generator pipeline is not built")
         full = kv_tokens // spec.max_seq_len
         kv = (f"KV cache {kv_tokens} tokens = floor(free x {g.kv_cache_memory_fraction:g} / "
-              f"{fp.kv_bytes_per_token} B per token){cap_note}: {full} full-length sequences at once, "
+              f"{kv_per_rank} B per token{where}){cap_note}: {full} full-length sequences at once, "
               f"{run} decoded per step")
-        return ParallelPlan("replicated", 1, 1, 1, None, 1, run, run, fp.param_bytes, fp.param_bytes, act, int(usable),
+        strategy = "replicated" if t == 1 else "deepspeed_tp"
+        return ParallelPlan(strategy, t, 1, 1, None, t, run, run, fp.param_bytes, int(p_bytes), act, int(usable),
                             tuple(reasons + [why, kv]), kv_cache_tokens=kv_tokens)
 
     def tensor_parallel(t: int, why: str) -> ParallelPlan:
@@ -301,17 +309,28 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
     if par.strategy == "replicated":
         return replicated("strategy forced to replicated by parallel.strategy")
     if par.strategy == "deepspeed_tp":
-        t = par.tp or _smallest_tp(fp, dev.per_node, usable, par.min_batch_size)
+        t = par.tp or (_smallest_generator_tp(spec, fp, dev.per_node, usable) if spec.task == "generate"
+                       else _smallest_tp(fp, dev.per_node, usable, par.min_batch_size))
         if t is None:
             raise PlanError(f"{spec.name}: no tp <= {dev.per_node} fits and divides the heads; {sizes}")
+        if spec.task == "generate":
+            return generator(f"strategy forced to deepspeed_tp (tp={t})", t)
         return tensor_parallel(t, f"strategy forced to deepspeed_tp (tp={t})")
     if par.strategy == "fairscale_pp":
         p = par.pp or _smallest_pp(fp, total_devices, usable, par.min_batch_size) or 2
         return pipeline(p, f"strategy forced to fairscale_pp (pp={p})")
 
     # ---------------- auto
-    if spec.task == "generate":  # TP and PP do not generate yet: a generator needs one device
-        return replicated(f"a generator runs on one device per replica ({_gb(fp.param_bytes)} of parameters)")
+    if spec.task == "generate":  # one device, else a TP gang inside a node (no generator pipeline)
+        if _generator_fits(spec, fp, 1, usable):
+            return replicated(f"weights and one full-length sequence's KV cache fit one device "
+                              f"({_gb(fp.param_bytes)} of parameters)")
+        t = _smallest_generator_tp(spec, fp, dev.per_node, usable)
+        if t is not None:
+            return generator(f"does not fit one device with a full-length sequence's KV cache; tp={t} is the "
+                             "smallest split inside one node that does and divides the heads", t)
+        raise PlanError(f"{spec.name}: a generator needs its weights and one full-length sequence's KV cache on one "
+                        f"device or a tp gang of at most {dev.per_node} devices; neither fits ({sizes})")
     if need_one <= usable:
         return replicated(f"fits one device ({_gb(need_one)} <= {_gb(usable)}): one copy per replica, replicas scale out")
     deep_narrow = fp.num_layers >= par.pipeline_min_layers and fp.hidden_size <= par.pipeline_max_hidden
@@ -331,6 +350,19 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         f"one device ({_gb(usable)} usable), tensor-parallel over {dev.per_node} devices of a node, "
         f"nor a pipeline over {total_devices} devices ({sizes})"
     )
+
+
+def _generator_fits(spec: ModelSpec, fp: Footprint, t: int, usable: float) -> bool:
+    """Weights and one full-length sequence's KV cache, 1/t of each per rank, within the KV fraction."""
+    left = usable - fp.param_bytes / t
+    return left * spec.generation.kv_cache_memory_fraction >= spec.max_seq_len * fp.kv_bytes_per_token / t
+
+
+def _smallest_generator_tp(spec: ModelSpec, fp: Footprint, per_node: int, usable: float) -> Optional[int]:
+    for t in range(2, per_node + 1):
+        if _tp_ok(fp, t) and _generator_fits(spec, fp, t, usable):
+            return t
+    return None
 
 
 def _smallest_tp(fp: Footprint, per_node: int, usable: float, min_batch: int) -> Optional[int]:

@@ -69,7 +69,14 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int =
                                   "target_queue_wait_ms": a.target_queue_wait_ms},
             }
         options["autoscaling_config"] = autoscaling
-    if plan.strategy == "deepspeed_tp":
+    if plan.strategy == "deepspeed_tp" and spec.task == "generate":
+        # The replica is rank 0 of its gang (app/runners/tp_generation.py): bundle i holds rank i.
+        rank_bundle = {"CPU": spec.parallel.rank_num_cpus, **({"GPU": 1} if gpu else {})}
+        options["ray_actor_options"] = {"num_cpus": spec.parallel.rank_num_cpus, "num_gpus": 1 if gpu else 0}
+        options["placement_group_bundles"] = [dict(rank_bundle) for _ in range(plan.tp)]
+        options["placement_group_strategy"] = "STRICT_PACK"
+        options["health_check_period_s"] = 2
+    elif plan.strategy == "deepspeed_tp":
         # The replica only drives its ranks: bundle 0 is its own, bundles 1..tp hold one rank each,
         # packed onto one node. Each new replica reserves a whole new gang.
         rank_bundle = {"CPU": spec.parallel.rank_num_cpus, **({"GPU": 1} if gpu else {})}

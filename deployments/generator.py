@@ -26,7 +26,7 @@ from app.errors import PayloadTooLarge, ServingError
 from app.kv_cache import kv_budget, kv_bytes_per_token
 from app.metrics import GenerationMetrics
 from app.models.chat import GenerationText
-from app.models.loader import build_backbone, resolve_device, resolve_dtype
+from app.models.loader import build_backbone, build_config, resolve_device, resolve_dtype
 from app.planner import ParallelPlan
 from app.protocols.openai import GenerateCall, GenEvent
 
@@ -51,31 +51,44 @@ class GeneratorServer:
         self.spec, self.plan = spec, plan
         tune_process(spec)
         self.text = GenerationText(spec)
-        device = resolve_device(spec)
-        dtype = resolve_dtype(spec, device)
-        model = build_backbone(spec, len(self.text), device, dtype)
         g = spec.generation
-        budget = kv_budget(free_memory_bytes(device), kv_bytes_per_token(model.config, dtype.itemsize),
-                           g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
-        self.engine = GenerationEngine(model, self.text.eos_token_ids(model.config), budget,
-                                       max_running=g.max_running_sequences,
-                                       # Serve's max_ongoing_requests admits; this is a backstop above it, since
-                                       # a cancelled stream leaves Serve's count a moment before it leaves ours.
-                                       max_sequences=2 * spec.effective_max_ongoing_requests(),
-                                       max_step_tokens=g.max_step_tokens, page_size=g.page_size,
-                                       max_context_tokens=spec.max_seq_len,
-                                       # Bulk: a share of the running batch (traffic.bulk.batch_items, else half)
-                                       # and of the sequences held, so realtime always finds room.
-                                       bulk_max_running=spec.traffic.bulk.batch_items,
-                                       bulk_max_sequences=spec.bulk_max_ongoing_requests())
+        engine_args = dict(eos_token_ids=self.text.eos_token_ids(build_config(spec, len(self.text))),
+                           max_running=g.max_running_sequences,
+                           # Serve's max_ongoing_requests admits; this is a backstop above it, since
+                           # a cancelled stream leaves Serve's count a moment before it leaves ours.
+                           max_sequences=2 * spec.effective_max_ongoing_requests(),
+                           max_step_tokens=g.max_step_tokens, page_size=g.page_size,
+                           max_context_tokens=spec.max_seq_len,
+                           # Bulk: a share of the running batch (traffic.bulk.batch_items, else half)
+                           # and of the sequences held, so realtime always finds room.
+                           bulk_max_running=spec.traffic.bulk.batch_items,
+                           bulk_max_sequences=spec.bulk_max_ongoing_requests())
+        self.gang = None
+        if plan.strategy == "deepspeed_tp":
+            from app.runners.tp_generation import TensorParallelGeneration
+
+            self.gang = TensorParallelGeneration(spec, plan, len(self.text))
+            self.engine = self.gang.start(engine_args)
+            device, dtype = self.gang.device, resolve_dtype(spec, self.gang.device)
+        else:
+            device = resolve_device(spec)
+            dtype = resolve_dtype(spec, device)
+            model = build_backbone(spec, len(self.text), device, dtype)
+            budget = kv_budget(free_memory_bytes(device), kv_bytes_per_token(model.config, dtype.itemsize),
+                               g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
+            self.engine = GenerationEngine(model, budget=budget, **engine_args)
+        budget = self.engine.budget
         self.served_by = serve.get_replica_context().replica_id.unique_id
-        self.metrics = GenerationMetrics(spec, plan, cost, [str(i) for i in ray.get_gpu_ids()], self.engine.stats)
+        gpus = self.gang.gang_gpus if self.gang is not None else [str(i) for i in ray.get_gpu_ids()]
+        self.metrics = GenerationMetrics(spec, plan, cost, gpus, self.engine.stats)
         self.device = device
         logger.info("generator %s ready in %.1fs on %s (%s): KV cache %s", spec.name, time.perf_counter() - t0,
                     device, str(dtype).removeprefix("torch."), budget.as_dict())
 
     def __del__(self):
-        if getattr(self, "engine", None) is not None:
+        if getattr(self, "gang", None) is not None:
+            self.gang.shutdown()
+        elif getattr(self, "engine", None) is not None:
             self.engine.shutdown()
         if getattr(self, "metrics", None) is not None:
             self.metrics.stop()
@@ -84,6 +97,8 @@ class GeneratorServer:
 
     def check_health(self) -> None:
         self.engine.check_health()
+        if self.gang is not None:
+            self.gang.check_health()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Sequences held, for the queue-depth policy (app/autoscaling.py); generation has no batch queue wait."""
@@ -97,7 +112,7 @@ class GeneratorServer:
     async def describe(self) -> dict[str, Any]:
         g = self.spec.generation
         return {"name": self.spec.name, "task": "generate", "replica": self.served_by, "strategy": self.plan.strategy,
-                "devices": [str(self.device)], **self.engine.describe(),
+                "devices": [str(self.device)], **(self.gang.describe() if self.gang is not None else {}), **self.engine.describe(),
                 "now": dataclasses.asdict(self.engine.stats()),
                 "generation": {"max_prompt_tokens": self.spec.prompt_token_limit(), "max_new_tokens": g.max_new_tokens,
                                "default_max_tokens": g.default_max_tokens}}

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from app.engine.sampling import sampling_kwargs, seeded_sampling_processors
-from app.errors import InvalidInput, ModelFailure, Overloaded, PayloadTooLarge
+from app.errors import InvalidInput, ModelFailure, Overloaded, PayloadTooLarge, ReplicaUnavailable
 from app.kv_cache import KVBudget
 
 logger = logging.getLogger("ray.serve")
@@ -53,6 +53,13 @@ class TokenEvent:
     tokens: list[int]
     finished: bool = False
     finish_reason: Optional[str] = None  # "stop" (an end-of-sequence token) or "length"
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """Put in every open stream's queue when the engine is aborted (a tensor-parallel rank died)."""
+
+    reason: str
 
 
 @dataclass
@@ -84,6 +91,9 @@ class GenerationEngine:
         self.eos_token_ids = eos_token_ids or [-1]
         self._ids = itertools.count()
         self._held = 0
+        # Open streams' queues and loops, so abort() can end them from any thread.
+        self._open: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._lost: Optional[str] = None
         # Bulk: at most bulk_max_running in the manager (running or in its queue), bulk_max_sequences held.
         self.bulk_max_running = min(max_running, bulk_max_running or max(1, max_running // 2))
         self.bulk_max_sequences = min(max_sequences, bulk_max_sequences or max(1, max_sequences // 2))
@@ -134,6 +144,8 @@ class GenerationEngine:
         if bulk and self._bulk_held >= self.bulk_max_sequences:
             raise Overloaded(f"bulk limit: {self._bulk_held} bulk sequences already held by this replica "
                              f"(max {self.bulk_max_sequences}); realtime requests are still admitted")
+        if self._lost is not None:
+            raise ReplicaUnavailable(self._lost)
         if not self.manager.is_running():
             raise ModelFailure("the generation loop has stopped")
         self._held += 1
@@ -152,6 +164,7 @@ class GenerationEngine:
         request_id = f"g{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         self.manager.register_result_handler(request_id, outputs.put_nowait)
+        self._open[request_id] = (outputs, asyncio.get_running_loop())
         finished = False
         try:
             self.manager.add_request(prompt_ids, request_id=request_id, max_new_tokens=params.max_new_tokens,
@@ -162,8 +175,10 @@ class GenerationEngine:
                 out = await outputs.get()
                 # Outputs are cumulative: when this loop fell behind the manager's steps, one event
                 # carries every token since the last (fewer messages down the stream's hops).
-                while not outputs.empty() and out.error is None and not out.is_finished():
+                while not isinstance(out, _Lost) and not outputs.empty() and out.error is None and not out.is_finished():
                     out = outputs.get_nowait()
+                if isinstance(out, _Lost):
+                    raise ReplicaUnavailable(out.reason)
                 if out.error is not None:
                     raise ModelFailure(f"generation failed: {out.error}")
                 finished = out.is_finished()
@@ -176,6 +191,7 @@ class GenerationEngine:
                 if new or finished:
                     yield TokenEvent(new, finished, reason)
         finally:
+            self._open.pop(request_id, None)
             if not finished:
                 self.manager.cancel_request(request_id)
                 with self.manager.output_router._lock:
@@ -193,7 +209,18 @@ class GenerationEngine:
         # Waiting: held here but not in the running batch (in the manager's queue or its scheduler's).
         return GenerationStats(running, max(0, self._held - running), self._held, max(0.0, used))
 
+    def abort(self, reason: str) -> None:
+        """End every open stream with 503 `reason` and refuse new ones; from any thread. For a loop
+        that can no longer step (a tensor-parallel rank died and the others wait in a collective
+        that will never complete): the replica is to be replaced."""
+        self._lost = reason
+        for outputs, loop in list(self._open.values()):
+            with contextlib.suppress(RuntimeError):  # a loop already closed has no stream to end
+                loop.call_soon_threadsafe(outputs.put_nowait, _Lost(reason))
+
     def check_health(self) -> None:
+        if self._lost is not None:
+            raise RuntimeError(self._lost)
         status = self.manager.background_thread_status
         if status.fatal_error is not None or not self.manager.is_running():
             raise RuntimeError(f"generation loop is down: {status.fatal_error!r}")

@@ -8,10 +8,6 @@ Every rank runs every batch (the all-reduces need all of them); only rank 0's ou
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
-import socket
 import time
 from typing import Any, Optional
 
@@ -23,14 +19,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from app.config import ModelSpec
 from app.planner import ParallelPlan
 from app.runners.base import DeviceLost, ModelRunner
+from app.runners.tp_group import (free_port, join_process_group, remove_shm_buffers, shard_with_autotp,
+                                  shm_buffer_prefix)
 
 _HEALTH_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class TPRankWorker:
@@ -47,37 +39,13 @@ class TPRankWorker:
 
     def setup(self, spec: ModelSpec, vocab_size: int, master_addr: str, master_port: int,
               gang_gpus: Optional[list[str]]) -> int:
-        rank, world = self.rank, self.world
-        if gang_gpus:
-            # Set before CUDA initialises in this process: see every GPU of the gang, use our own.
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gang_gpus)
-            local_rank = rank
-        else:
-            # CPU ranks share the host; DeepSpeed's shared-memory all-reduce needs LOCAL_SIZE == world.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            local_rank = rank
-        os.environ.update({
-            "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_SIZE": str(world),
-            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
-        })
-        import deepspeed  # imported here: only tensor-parallel workers need DeepSpeed
-
         from app.models.loader import build_backbone, resolve_dtype, wrap_head
 
-        on_gpu = bool(gang_gpus)
-        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-        if on_gpu:
-            torch.cuda.set_device(self.device)
-        torch.distributed.init_process_group(
-            backend="nccl" if on_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank, world_size=world,
-        )
+        self.device = join_process_group(self.rank, self.world, master_addr, master_port, gang_gpus)
         dtype = resolve_dtype(spec, self.device)
         model = wrap_head(spec, build_backbone(spec, vocab_size, self.device, dtype))
-        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,
-                                          replace_with_kernel_inject=False)
-        self.model = engine.module
-        return rank
+        self.model = shard_with_autotp(model, self.world, dtype)
+        return self.rank
 
     @torch.inference_mode()
     def infer(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -102,16 +70,15 @@ class TensorParallelRunner(ModelRunner):
         self.output_dim: Optional[int] = None
         self.dtype: str = "?"
         self._lost: Optional[str] = None  # why the gang broke, once it has
-        # Names of the shared-memory files DeepSpeed's CPU all-reduce gives this gang (one per
-        # rank, /dev/shm/<prefix>_<rank>, named as in its csrc/cpu/comm/shm.cpp).
+        # DeepSpeed's CPU all-reduce files of this gang (tp_group.shm_buffer_prefix).
         self.shm_buffer_prefix: Optional[str] = None
 
     def start(self) -> None:
         world = self.plan.tp
         pg = get_current_placement_group()
         master_addr = ray.util.get_node_ip_address()
-        master_port = _free_port()
-        self.shm_buffer_prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}"
+        master_port = free_port()
+        self.shm_buffer_prefix = shm_buffer_prefix(master_addr, master_port)
         worker_cls = ray.remote(TPRankWorker)
         t0 = time.perf_counter()
         for rank in range(world):
@@ -177,15 +144,7 @@ class TensorParallelRunner(ModelRunner):
         self._remove_shm_buffers()
 
     def _remove_shm_buffers(self) -> None:
-        """Unlink the gang's all-reduce files: killed ranks never do, and each gang's files (~70 MB
-        per rank) would stay in /dev/shm until the host reboots (a day of chaos drills filled 18 GB
-        and got Ray's memory monitor killing the Serve controller). Ranks that still map one keep
-        their mapping; the gang runs on this replica's node (STRICT_PACK), so the files are here."""
-        if self.shm_buffer_prefix is None:
-            return
-        for path in glob.glob(f"/dev/shm/{self.shm_buffer_prefix}_*"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        remove_shm_buffers(self.shm_buffer_prefix)
 
     def describe(self) -> dict[str, Any]:
         return {

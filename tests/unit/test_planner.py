@@ -123,7 +123,25 @@ def test_a_generator_plan_counts_its_kv_cache():
     assert plan_model(_generator(512, max_tokens=1024)).kv_cache_tokens == 1024
 
 
-def test_a_generator_that_leaves_no_room_for_one_sequence_is_refused():
-    # ~14 MiB of parameters on 14.5 MiB devices: auto would split an encoder; a generator needs one device.
+def _generator_on(mib, per_node, **parallel):
+    raw = _generator(mib).model_dump()
+    raw["parallel"] = {**raw["parallel"], "devices": _budget(mib, per_node=per_node), **parallel}
+    return ModelSpec.model_validate(raw)
+
+
+def test_a_generator_too_big_for_one_device_gets_a_tp_gang_with_its_kv_cache_per_rank():
+    # ~14 MiB of parameters on 14.5 MiB devices: no room for a sequence's KV cache on one device.
+    p = plan_model(_generator_on(14.5, per_node=4))
+    kv_per_rank = 2 * 4 * 8 * 32 * 4 // p.tp
+    assert p.strategy == "deepspeed_tp" and p.tp == 2 and p.per_device_param_bytes == p.param_bytes // 2
+    assert p.kv_cache_tokens == int((14.5 * MiB - p.param_bytes / 2) * 0.8) // kv_per_rank
+    assert p.kv_cache_tokens >= 256 and "per rank of tp=2" in p.explain()
+    forced = plan_model(_generator_on(512, per_node=4, strategy="deepspeed_tp", tp=4))
+    assert forced.strategy == "deepspeed_tp" and forced.tp == 4 and forced.kv_cache_tokens > p.kv_cache_tokens
+
+
+def test_a_generator_that_fits_no_device_nor_gang_is_refused():
+    with pytest.raises(PlanError, match="one full-length sequence's KV cache"):
+        plan_model(_generator_on(14.5, per_node=1))
     with pytest.raises(PlanError, match="KV cache of .* tokens"):
-        plan_model(_generator(14.5))
+        plan_model(_generator_on(14.5, per_node=1, strategy="replicated"))

@@ -1,0 +1,207 @@
+"""Tensor-parallel generation: the generator replica is rank 0 of a DeepSpeed AutoTP gang.
+
+transformers' continuous-batching manager is built for tensor parallelism: rank 0 (its "TP driver")
+owns the request queue and, at every step, broadcasts the new requests and cancellations to the
+other ranks over a gloo group; every rank then schedules the same batch from the same state, runs
+the same forward over its shard (DeepSpeed's all-reduces inside), and keeps the KV cache of its own
+heads. So every rank here runs the same GenerationEngine, and only rank 0's is given requests. No
+sampled token is broadcast: the logits are all-reduced (the same on every rank) and sampling.py's
+noise is a pure function of (seed, position, vocabulary index), so every rank takes the same token.
+
+Rank 0 lives in the replica (no extra hop per token); ranks 1..tp-1 are Ray actors in the replica's
+placement group (bundle i holds rank i, STRICT_PACK on one node). A rank that dies leaves the others
+in a collective that never completes: a watcher sees its `serve` call end, aborts every stream with
+503 at once, and the health check fails so Serve replaces the whole gang.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Optional
+
+import psutil
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from app.config import ModelSpec
+from app.kv_cache import KVBudget, kv_budget, kv_bytes_per_token
+from app.planner import ParallelPlan
+from app.runners.tp_group import (free_port, join_process_group, remove_shm_buffers, shard_with_autotp,
+                                  shm_buffer_prefix)
+
+logger = logging.getLogger("ray.serve")
+
+_HEALTH_TIMEOUT_S = 30.0
+
+
+def load_shard(spec: ModelSpec, vocab_size: int, rank: int, world: int, master_addr: str, master_port: int,
+               gang_gpus: Optional[list[str]]) -> tuple[Any, int]:
+    """Join the gang, build the seeded model and shard it; returns the shard and the free memory
+    where this rank's KV cache will live."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from app.models.loader import build_backbone, resolve_dtype
+
+    device = join_process_group(rank, world, master_addr, master_port, gang_gpus)
+    dtype = resolve_dtype(spec, device)
+    model = shard_with_autotp(build_backbone(spec, vocab_size, device, dtype), world, dtype)
+    # What the manager reads to know it is one rank of `world`: the mesh, and whether the KV heads
+    # are split (DistributedHelper.are_kv_heads_tp_ed looks for exactly these two keys; set past the
+    # tp_plan setter, which would warn that they name nothing where the layers sit elsewhere, e.g. OPT).
+    model._device_mesh = DeviceMesh(device.type, list(range(world)))
+    model._tp_plan = {**(getattr(model, "_tp_plan", None) or {}),
+                      "layers.*.self_attn.k_proj": "colwise", "layers.*.self_attn.v_proj": "colwise"}
+    check_kv_heads_split(model, world)
+    free = int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else int(psutil.virtual_memory().available)
+    return model, free
+
+
+def check_kv_heads_split(model: Any, world: int) -> None:
+    """The cache holds kv_heads / world heads per rank: make sure AutoTP did split the K projection."""
+    text = model.config.get_text_config()
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    for name, module in model.named_modules():
+        if name.endswith("self_attn.k_proj"):
+            rows = module.weight.shape[0]
+            if rows != kv_heads * head_dim // world:
+                raise RuntimeError(f"AutoTP left {name} with {rows} rows, not {kv_heads * head_dim // world} "
+                                   f"({kv_heads} kv heads / tp {world}): this model does not generate tensor-parallel")
+            return
+    raise RuntimeError("no self_attn.k_proj in the model: tensor-parallel generation knows no other attention layout")
+
+
+def gang_budget(spec: ModelSpec, config: Any, dtype_bytes: int, world: int, frees: list[int], on_gpu: bool) -> KVBudget:
+    """The seed formula for a gang. Each rank holds 1/world of every token's keys and values: on
+    GPUs the rank with least free memory decides; CPU ranks share the host's memory, so the whole
+    token's bytes come out of it."""
+    g = spec.generation
+    full = kv_bytes_per_token(config, dtype_bytes)
+    if on_gpu:
+        return kv_budget(min(frees), full // world, g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
+    return kv_budget(min(frees), full, g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
+
+
+class TPGenerationRank:
+    """Rank 1..tp-1 of a generator gang (a threaded Ray actor: `serve` blocks while `ping` answers)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.engine: Any = None
+        self.model: Any = None
+
+    def gpu_ids(self) -> list[str]:
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def load(self, spec: ModelSpec, vocab_size: int, master_addr: str, master_port: int,
+             gang_gpus: Optional[list[str]]) -> int:
+        torch.set_num_threads(spec.intra_op_threads(int(max(1, spec.parallel.rank_num_cpus))))
+        self.model, free = load_shard(spec, vocab_size, self.rank, self.world, master_addr, master_port, gang_gpus)
+        return free
+
+    def start_engine(self, budget: KVBudget, engine_args: dict[str, Any]) -> None:
+        from app.engine.generation import GenerationEngine
+
+        self.engine = GenerationEngine(self.model, budget=budget, **engine_args)
+
+    def serve(self) -> str:
+        """Returns when this rank's loop ends (a stop, or its error): the replica's watcher waits on it."""
+        while self.engine.manager.is_running():
+            time.sleep(0.2)
+        return repr(self.engine.manager.background_thread_status.fatal_error)
+
+    def ping(self) -> bool:
+        self.engine.check_health()
+        return True
+
+
+class TensorParallelGeneration:
+    """The gang seen from the replica (rank 0): start it, watch it, check it, stop it."""
+
+    def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int):
+        self.spec, self.plan, self.vocab_size = spec, plan, vocab_size
+        self.world = plan.tp
+        self.use_gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
+        self.ranks: list[Any] = []
+        self.gang_gpus: list[str] = []
+        self.device = torch.device("cpu")
+        self.engine: Any = None
+        self._prefix: Optional[str] = None
+        self._lost: Optional[str] = None
+
+    def start(self, engine_args: dict[str, Any]) -> Any:
+        """Start ranks 1..tp-1, load this process's shard beside them, size the KV cache from every
+        rank's free memory, start every rank's engine; returns rank 0's engine."""
+        from app.engine.generation import GenerationEngine
+        from app.models.loader import build_config, resolve_dtype
+
+        pg = get_current_placement_group()
+        cls = ray.remote(TPGenerationRank)
+        for rank in range(1, self.world):
+            opts: dict[str, Any] = {"num_cpus": self.spec.parallel.rank_num_cpus, "num_gpus": 1 if self.use_gpu else 0,
+                                    "max_restarts": 0, "max_concurrency": 4}
+            if pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank)
+            self.ranks.append(cls.options(**opts).remote(rank, self.world))
+        gang_gpus: Optional[list[str]] = None
+        if self.use_gpu:
+            gang_gpus = [str(g) for g in ray.get_gpu_ids()] + [
+                g for ids in ray.get([r.gpu_ids.remote() for r in self.ranks]) for g in ids]
+            if len(gang_gpus) != self.world:
+                raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({self.world})")
+        addr, port = ray.util.get_node_ip_address(), free_port()
+        self._prefix = shm_buffer_prefix(addr, port)
+        loads = [r.load.remote(self.spec, self.vocab_size, addr, port, gang_gpus) for r in self.ranks]
+        model, free = load_shard(self.spec, self.vocab_size, 0, self.world, addr, port, gang_gpus)
+        frees = [free] + ray.get(loads)
+        self.device = next(model.parameters()).device
+        self.gang_gpus = gang_gpus or []
+        dtype = resolve_dtype(self.spec, self.device)
+        budget = gang_budget(self.spec, build_config(self.spec, self.vocab_size), dtype.itemsize, self.world, frees,
+                             self.use_gpu)
+        starts = [r.start_engine.remote(budget, engine_args) for r in self.ranks]
+        self.engine = GenerationEngine(model, budget=budget, **engine_args)
+        ray.get(starts)
+        serving = [r.serve.remote() for r in self.ranks]
+        threading.Thread(target=self._watch, args=(serving,), name="tp-gang-watch", daemon=True).start()
+        return self.engine
+
+    def _watch(self, serving: list[Any]) -> None:
+        done, _ = ray.wait(serving, num_returns=1, timeout=None)
+        if self._lost is not None:  # shutdown() got here first
+            return
+        i = serving.index(done[0]) + 1
+        try:
+            why = f"its loop ended: {ray.get(done[0])}"
+        except Exception as e:  # noqa: BLE001 - the actor died: that is the news
+            why = type(e).__name__
+        self._lost = f"tensor-parallel rank {i} is gone ({why}); this replica is being replaced"
+        logger.error("generator %s: %s", self.spec.name, self._lost)
+        self.engine.abort(self._lost)
+        for r in self.ranks:  # the survivors sit in a collective that never completes
+            ray.kill(r, no_restart=True)
+        remove_shm_buffers(self._prefix)
+
+    def check_health(self) -> None:
+        if self._lost is not None:
+            raise RuntimeError(self._lost)
+        ray.get([r.ping.remote() for r in self.ranks], timeout=_HEALTH_TIMEOUT_S)
+
+    def describe(self) -> dict[str, Any]:
+        kind = "cuda" if self.use_gpu else "cpu"
+        return {"devices": [f"{kind}:rank{i}" for i in range(self.world)], "tp": self.world}
+
+    def shutdown(self) -> None:
+        """Stop rank 0's loop first (its stop reaches the other ranks at their next collective), then the actors."""
+        self._lost = self._lost or "shut down"
+        if self.engine is not None:
+            self.engine.shutdown()
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
+        self.ranks = []
+        remove_shm_buffers(self._prefix)

@@ -1,0 +1,72 @@
+"""Joining a tensor-parallel gang: the process group, DeepSpeed AutoTP sharding, and the gang's
+shared-memory files. Used by the encoder ranks (deepspeed_tp.py) and the generator gang
+(tp_generation.py), so both shard the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import socket
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def join_process_group(rank: int, world: int, master_addr: str, master_port: int,
+                       gang_gpus: Optional[list[str]]) -> torch.device:
+    """Set this process up as rank `rank` of `world` and join the group; returns its device.
+    Call before CUDA initialises in the process (it sets CUDA_VISIBLE_DEVICES)."""
+    if gang_gpus:
+        # See every GPU of the gang, use our own: NCCL only takes NVLink / peer-to-peer between
+        # devices a process can see, and Ray shows each process just its own GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gang_gpus)
+    else:
+        # CPU ranks share the host; DeepSpeed's shared-memory all-reduce needs LOCAL_SIZE == world.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update({
+        "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world),
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+    })
+    device = torch.device("cuda", rank) if gang_gpus else torch.device("cpu")
+    if gang_gpus:
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(
+        backend="nccl" if gang_gpus else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank, world_size=world,
+    )
+    return device
+
+
+def shard_with_autotp(model: nn.Module, world: int, dtype: torch.dtype) -> nn.Module:
+    """DeepSpeed AutoTP over the joined group: every rank calls this with the same seeded model."""
+    import deepspeed  # imported here: only tensor-parallel processes need DeepSpeed
+
+    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,
+                                      replace_with_kernel_inject=False)
+    return engine.module
+
+
+def shm_buffer_prefix(master_addr: str, master_port: int) -> str:
+    """The names DeepSpeed's CPU all-reduce gives a gang's shared-memory files (one per rank,
+    /dev/shm/<prefix>_<rank>, named as in its csrc/cpu/comm/shm.cpp)."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}"
+
+
+def remove_shm_buffers(prefix: Optional[str]) -> None:
+    """Unlink a gang's all-reduce files: killed ranks never do, and each gang's files (~70 MB per
+    rank) would stay in /dev/shm until the host reboots (a day of chaos drills filled 18 GB and got
+    Ray's memory monitor killing the Serve controller). Ranks that still map one keep their mapping;
+    a gang runs on one node (STRICT_PACK), so the files are on the caller's."""
+    if prefix is None:
+        return
+    for path in glob.glob(f"/dev/shm/{prefix}_*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
