@@ -269,6 +269,27 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         return ParallelPlan(strategy, t, 1, 1, None, t, run, run, fp.param_bytes, int(p_bytes), act, int(usable),
                             tuple(reasons + [why, kv]), kv_cache_tokens=kv_tokens)
 
+    def generator_pipeline(p: int, why: str) -> ParallelPlan:
+        """A generator cut into p stages of layers, each stage holding its layers' KV cache."""
+        g = spec.generation
+        found = _generator_stages(spec, fp, p, usable)
+        if found is None:
+            raise PlanError(f"{spec.name}: pp={p} leaves a generator stage without a decoder layer "
+                            f"({fp.num_layers} layers): use fewer stages")
+        balance, worst, tokens, kv_worst = found
+        budget_cap = g.kv_cache_max_tokens
+        kv_tokens = min(tokens, budget_cap) if budget_cap is not None else tokens
+        if kv_tokens < spec.max_seq_len:
+            raise PlanError(f"{spec.name}: pp={p} leaves a KV cache of {kv_tokens} tokens on its fullest stage "
+                            f"({_gb(worst)} of parameters), under one full-length sequence ({spec.max_seq_len})")
+        notes = [why, f"stages of {list(balance)} units, fullest {_gb(worst)}; KV cache {kv_tokens} tokens "
+                      f"(the stage that runs out first holds {kv_worst} B per token), {g.max_running_sequences} "
+                      "decoded per step; stage processes step in lockstep (Fairscale Pipe cannot carry the "
+                      "paged KV cache), no micro-batches overlap yet"]
+        run = g.max_running_sequences
+        return ParallelPlan("fairscale_pp", 1, p, 1, balance, p, run, run, fp.param_bytes, worst, act, int(usable),
+                            tuple(reasons + notes), kv_cache_tokens=kv_tokens)
+
     def tensor_parallel(t: int, why: str) -> ParallelPlan:
         if not _tp_ok(fp, t):
             raise PlanError(
@@ -316,6 +337,9 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         if spec.task == "generate":
             return generator(f"strategy forced to deepspeed_tp (tp={t})", t)
         return tensor_parallel(t, f"strategy forced to deepspeed_tp (tp={t})")
+    if par.strategy == "fairscale_pp" and spec.task == "generate":
+        p = par.pp or _smallest_generator_pp(spec, fp, total_devices, usable) or 2
+        return generator_pipeline(p, f"strategy forced to fairscale_pp (pp={p})")
     if par.strategy == "fairscale_pp":
         p = par.pp or _smallest_pp(fp, total_devices, usable, par.min_batch_size) or 2
         return pipeline(p, f"strategy forced to fairscale_pp (pp={p})")
@@ -329,8 +353,13 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         if t is not None:
             return generator(f"does not fit one device with a full-length sequence's KV cache; tp={t} is the "
                              "smallest split inside one node that does and divides the heads", t)
+        p = _smallest_generator_pp(spec, fp, total_devices, usable)
+        if p is not None:
+            return generator_pipeline(p, f"does not fit one device nor a tp gang inside one node ({dev.per_node} "
+                                         f"devices) with a full-length sequence's KV cache; {p} stages do")
         raise PlanError(f"{spec.name}: a generator needs its weights and one full-length sequence's KV cache on one "
-                        f"device or a tp gang of at most {dev.per_node} devices; neither fits ({sizes})")
+                        f"device, a tp gang of at most {dev.per_node} devices or a pipeline of at most "
+                        f"{total_devices}; none fits ({sizes})")
     if need_one <= usable:
         return replicated(f"fits one device ({_gb(need_one)} <= {_gb(usable)}): one copy per replica, replicas scale out")
     deep_narrow = fp.num_layers >= par.pipeline_min_layers and fp.hidden_size <= par.pipeline_max_hidden
@@ -362,6 +391,51 @@ def _smallest_generator_tp(spec: ModelSpec, fp: Footprint, per_node: int, usable
     for t in range(2, per_node + 1):
         if _tp_ok(fp, t) and _generator_fits(spec, fp, t, usable):
             return t
+    return None
+
+
+def generator_balance(unit_bytes: Sequence[int], stages: int) -> tuple[int, ...]:
+    """balance_stages for a generator: every stage holds at least one decoder layer (the embeddings
+    ride with the first layer and the head with the last), since a stage's paged KV cache and its
+    place in the lockstep need a layer of its own."""
+    u = list(unit_bytes)
+    if len(u) < 3 or stages > len(u) - 2:
+        raise PlanError(f"pp: {stages} generator stages for only {len(u) - 2} decoder layers")
+    merged = [u[0] + u[1]] + u[2:-2] + [u[-2] + u[-1]] if len(u) > 3 else [sum(u)]
+    b = list(balance_stages(merged, stages))
+    b[0] += 1
+    b[-1] += 1
+    return tuple(b)
+
+
+def _generator_stages(spec: ModelSpec, fp: Footprint, p: int, usable: float
+                      ) -> Optional[tuple[tuple[int, ...], int, int, int]]:
+    """(balance, fullest stage's bytes, KV tokens of the stage that runs out first, its KV bytes per
+    token) for p stages; None where a stage would hold no decoder layer."""
+    from app.models.generation_stages import layer_ranges
+
+    try:
+        balance = generator_balance(fp.unit_bytes, p)
+        ranges = layer_ranges(balance, fp.num_layers)
+    except (PlanError, ValueError):
+        return None
+    worst, tokens, kv_worst, i = 0, None, 0, 0
+    for count, (a, b) in zip(balance, ranges):
+        stage_bytes = sum(fp.unit_bytes[i : i + count])
+        i += count
+        worst = max(worst, stage_bytes)
+        kv = max(1, fp.kv_bytes_per_token * (b - a) // fp.num_layers)
+        t = int(max(0.0, usable - stage_bytes) * spec.generation.kv_cache_memory_fraction) // kv
+        if tokens is None or t < tokens:
+            tokens, kv_worst = t, kv
+    return balance, worst, int(tokens or 0), kv_worst
+
+
+def _smallest_generator_pp(spec: ModelSpec, fp: Footprint, total_devices: int, usable: float) -> Optional[int]:
+    for p in range(2, min(total_devices, fp.num_layers) + 1):
+        found = _generator_stages(spec, fp, p, usable)
+        if found is not None and found[2] >= spec.max_seq_len:
+            return p
     return None
 
 

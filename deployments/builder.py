@@ -69,12 +69,13 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int =
                                   "target_queue_wait_ms": a.target_queue_wait_ms},
             }
         options["autoscaling_config"] = autoscaling
-    if plan.strategy == "deepspeed_tp" and spec.task == "generate":
-        # The replica is rank 0 of its gang (app/runners/tp_generation.py): bundle i holds rank i.
+    if spec.task == "generate" and plan.strategy != "replicated":
+        # The replica is rank 0 of its gang (app/runners/gang_generation.py): bundle i holds rank i.
+        # A TP gang shares one node (all-reduces every layer); pipeline stages may span nodes.
         rank_bundle = {"CPU": spec.parallel.rank_num_cpus, **({"GPU": 1} if gpu else {})}
         options["ray_actor_options"] = {"num_cpus": spec.parallel.rank_num_cpus, "num_gpus": 1 if gpu else 0}
-        options["placement_group_bundles"] = [dict(rank_bundle) for _ in range(plan.tp)]
-        options["placement_group_strategy"] = "STRICT_PACK"
+        options["placement_group_bundles"] = [dict(rank_bundle) for _ in range(plan.devices)]
+        options["placement_group_strategy"] = "STRICT_PACK" if plan.strategy == "deepspeed_tp" else "PACK"
         options["health_check_period_s"] = 2
     elif plan.strategy == "deepspeed_tp":
         # The replica only drives its ranks: bundle 0 is its own, bundles 1..tp hold one rank each,
@@ -97,7 +98,7 @@ def _plan(spec: ModelSpec, index: int) -> tuple[ParallelPlan, int]:
         plan = plan_model(spec, vocab)
     except PlanError as e:
         raise PlanError(f"models[{index}] ({spec.name}): {e}") from None
-    if plan.strategy == "fairscale_pp" and plan.pp > spec.parallel.devices.per_node:
+    if plan.strategy == "fairscale_pp" and plan.pp > spec.parallel.devices.per_node and spec.task != "generate":
         raise PlanError(
             f"models[{index}].parallel: {spec.name} needs a {plan.pp}-stage pipeline across nodes; "
             f"fairscale.nn.Pipe runs inside one replica process on one node ({spec.parallel.devices.per_node} devices)"

@@ -64,10 +64,10 @@ class GeneratorServer:
                            bulk_max_running=spec.traffic.bulk.batch_items,
                            bulk_max_sequences=spec.bulk_max_ongoing_requests())
         self.gang = None
-        if plan.strategy == "deepspeed_tp":
-            from app.runners.tp_generation import TensorParallelGeneration
+        if plan.strategy in ("deepspeed_tp", "fairscale_pp"):
+            from app.runners.gang_generation import GenerationGang
 
-            self.gang = TensorParallelGeneration(spec, plan, len(self.text))
+            self.gang = GenerationGang(spec, plan, len(self.text))
             self.engine = self.gang.start(engine_args)
             device, dtype = self.gang.device, resolve_dtype(spec, self.gang.device)
         else:

@@ -123,9 +123,6 @@ class ModelSpec(_Strict):
         if isinstance(self.source, RandomInitSource) and self.source.architecture not in ("llama", "opt"):
             raise ValueError(f"source.architecture: {self.source.architecture!r} is not a causal LM; "
                              "task 'generate' takes llama or opt (or a local_dir of any causal LM)")
-        if self.parallel.strategy == "fairscale_pp":
-            raise ValueError("parallel.strategy: 'fairscale_pp' does not generate: a generator runs replicated "
-                             "(one device per replica) or deepspeed_tp (a rank gang per replica)")
         g = self.generation
         if g.max_new_tokens >= self.max_seq_len:
             raise ValueError(f"generation.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "

@@ -31,6 +31,8 @@ def join_process_group(rank: int, world: int, master_addr: str, master_port: int
     else:
         # CPU ranks share the host; DeepSpeed's shared-memory all-reduce needs LOCAL_SIZE == world.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # transformers' continuous batching wants this before the group starts (NCCL captures better).
+    os.environ.setdefault("NCCL_GRAPH_MIXING_SUPPORT", "0")
     os.environ.update({
         "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world),
         "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),

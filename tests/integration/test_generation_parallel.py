@@ -1,11 +1,13 @@
-"""Generation on a DeepSpeed tensor-parallel gang (tp=2, gloo on CPU) over the real HTTP path:
-greedy tokens equal transformers' `generate` of the unsplit model while requests join the running
-batch, a seed samples the same text on the gang as on one device, and a killed rank ends every
-stream at once (503 / an error event), the gang is replaced and serves again."""
+"""Generation on gangs over the real HTTP path: a DeepSpeed tensor-parallel gang (tp=2) and a
+pipeline of two layer stages (pp=2), gloo on CPU. Greedy tokens equal transformers' `generate` of
+the unsplit model while requests join the running batch, a seed samples the same text on a gang as
+on one device, and a killed rank ends every stream at once (503 / an error event), the gang is
+replaced and serves again."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import glob
 import os
 import signal
@@ -20,12 +22,11 @@ from transformers import GenerationConfig
 from app.config import ModelSpec
 from app.models.chat import GenerationText
 from app.models.loader import build_backbone
-from tests.helpers import processes_titled
 from tests.integration.conftest import app_entry, extra_app
 
 pytestmark = pytest.mark.integration
 
-TP, ONE = "llama-gen-tp", "llama-gen"
+TP, PP, ONE = "llama-gen-tp", "llama-gen-pp", "llama-gen"
 
 
 def _model(name: str, parallel: dict) -> dict:
@@ -44,12 +45,15 @@ def _model(name: str, parallel: dict) -> dict:
 
 TP_MODEL = _model(TP, {"strategy": "deepspeed_tp", "tp": 2, "rank_num_cpus": 0.5,
                        "devices": {"kind": "cpu", "per_node": 2}})
+PP_MODEL = _model(PP, {"strategy": "fairscale_pp", "pp": 2, "rank_num_cpus": 0.5,
+                       "devices": {"kind": "cpu", "per_node": 2}})
 ONE_MODEL = _model(ONE, {"strategy": "replicated"})
+GANGS = pytest.mark.parametrize("gang", [TP, PP])
 
 
 @pytest.fixture(scope="module")
 def url(base_url):
-    with extra_app(base_url, app_entry("gentp", [TP_MODEL, ONE_MODEL])) as u:
+    with extra_app(base_url, app_entry("gentp", [TP_MODEL, PP_MODEL, ONE_MODEL])) as u:
         yield u
 
 
@@ -60,23 +64,33 @@ def reference():
     return build_backbone(spec, len(text)), text
 
 
+def _rank_pid(url: str, gang: str) -> int:
+    """The process of rank 1 of `gang`'s live replica (listed in /v1/models)."""
+    return next(r["pid"] for r in _entry(url, gang)["ranks"] if r["rank"] == 1)
+
+
 def _entry(url: str, name: str) -> dict:
     return next(m for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"] if m["id"] == name)
 
 
-def test_the_gang_is_listed_with_its_ranks_and_kv_budget(url):
-    e = _entry(url, TP)
-    assert e["strategy"] == "deepspeed_tp" and e["tp"] == 2 and e["devices"] == ["cpu:rank0", "cpu:rank1"]
-    assert e["kv_cache_tokens"] == 8192 and e["max_running_sequences"] == 16
+def test_the_gangs_are_listed_with_their_ranks_and_kv_budget(url):
+    tp, pp = _entry(url, TP), _entry(url, PP)
+    assert tp["strategy"] == "deepspeed_tp" and tp["tp"] == 2 and tp["devices"] == ["cpu:rank0", "cpu:rank1"]
+    assert pp["strategy"] == "fairscale_pp" and pp["pp"] == 2 and pp["devices"] == ["cpu:stage0", "cpu:stage1"]
+    assert pp["balance"] == [2, 2] and "lockstep" in pp["runner"]
+    assert [r["rank"] for r in pp["ranks"]] == [0, 1] and len({r["pid"] for r in pp["ranks"] + tp["ranks"]}) == 4
+    for e in (tp, pp):
+        assert e["kv_cache_tokens"] == 8192 and e["max_running_sequences"] == 16
 
 
-def test_tp_greedy_equals_generate_for_concurrent_prompts_of_different_lengths(url, reference):
+@GANGS
+def test_greedy_equals_generate_for_concurrent_prompts_of_different_lengths(url, reference, gang):
     model, text = reference
     prompts = [" ".join(["word"] * (1 + 5 * i)) + f" number {i}" for i in range(16)]
 
     async def ask(c, i, p):
         await asyncio.sleep(0.05 * i)  # later prompts join while earlier ones decode
-        r = await c.post("/v1/completions", json={"model": TP, "prompt": p, "max_tokens": 12 + i, "temperature": 0})
+        r = await c.post("/v1/completions", json={"model": gang, "prompt": p, "max_tokens": 12 + i, "temperature": 0})
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -96,12 +110,13 @@ def test_tp_greedy_equals_generate_for_concurrent_prompts_of_different_lengths(u
         assert a["choices"][0]["text"] == text.tok.decode(ref, skip_special_tokens=True), i
 
 
-def test_a_seed_samples_the_same_text_on_the_gang_and_on_one_device(url):
+@GANGS
+def test_a_seed_samples_the_same_text_on_the_gang_and_on_one_device(url, gang):
     async def run():
         async with httpx.AsyncClient(base_url=url, timeout=120) as c:
             calls = [c.post("/v1/completions", json={"model": m, "prompt": f"once upon a time {s}", "max_tokens": 24,
                                                      "temperature": 0.9, "top_p": 0.95, "seed": s})
-                     for s in range(6) for m in (TP, ONE)]
+                     for s in range(6) for m in (gang, ONE)]
             return [r.json()["choices"][0]["text"] for r in await asyncio.gather(*calls)]
 
     texts = asyncio.run(run())
@@ -109,18 +124,19 @@ def test_a_seed_samples_the_same_text_on_the_gang_and_on_one_device(url):
     assert len(set(texts[0::2])) > 1
 
 
-def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url):
+@GANGS
+def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url, gang):
     """Streams run back to back from 6 clients; one rank is SIGKILLed. Every stream open at the
     kill ends (done, an error event, or 503) within 10 s, none hangs, and a new gang serves."""
-    before = _entry(url, TP)["replica"]
+    before = _entry(url, gang)["replica"]
     shm_before = len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    victim = sorted(processes_titled("TPGenerationRank"))[-1]
+    victim = _rank_pid(url, gang)
     streams: list[tuple[float, float, str]] = []  # (start, end, how it ended)
     killed_at: list[float] = []
 
     async def one(c, i) -> str:
         try:
-            async with c.stream("POST", "/v1/completions", json={"model": TP, "prompt": f"long story {i}",
+            async with c.stream("POST", "/v1/completions", json={"model": gang, "prompt": f"long story {i}",
                                                                  "max_tokens": 60, "stream": True}) as r:
                 if r.status_code != 200:
                     return f"status {r.status_code}"
@@ -156,12 +172,12 @@ def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url):
     asyncio.run(run())
     kill = killed_at[0]
     open_at_kill = [(round(end - kill, 2), how) for start, end, how in streams if start < kill < end]
-    print(f"\nTP generator rank kill: {len(streams)} streams; open at the kill ended (s after, how): {open_at_kill}; "
-          f"after: {[how for start, _, how in streams if start >= kill]}")
+    print(f"\n{gang} rank kill: {len(streams)} streams; open at the kill ended (s after, how): {open_at_kill}; "
+          f"started after: {Counter(how for start, _, how in streams if start >= kill)}")
     assert open_at_kill and all(after <= 10 for after, _ in open_at_kill), open_at_kill
     assert any(how != "done" for _, how in open_at_kill)  # the kill did cut streams short
     assert {how for _, _, how in streams} <= {"done", "error event", "status 503"}, streams
-    wait_for_condition(lambda: _entry(url, TP)["replica"] != before, timeout=180)
-    r = httpx.post(f"{url}/v1/completions", json={"model": TP, "prompt": "after", "max_tokens": 4}, timeout=60)
+    wait_for_condition(lambda: _entry(url, gang)["replica"] != before, timeout=180)
+    r = httpx.post(f"{url}/v1/completions", json={"model": gang, "prompt": "after", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200, r.text
     wait_for_condition(lambda: len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before, timeout=30)

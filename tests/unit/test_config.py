@@ -150,7 +150,6 @@ def test_generation_config_is_valid_and_bad_generators_are_named():
     assert spec.effective_max_ongoing_requests() == 2 * spec.generation.max_running_sequences
     base = gen["models"][0]
     assert "not a causal LM" in _error({"models": [{**base, "source": {"kind": "random_init", "architecture": "bert"}}]})
-    assert "does not generate" in _error({"models": [{**base, "parallel": {"strategy": "fairscale_pp"}}]})
     assert "leaves no room" in _error({"models": [{**base, "generation": {"max_new_tokens": 256}}]})
     assert "default_max_tokens" in _error({"models": [{**base, "generation": {"default_max_tokens": 200}}]})
     assert "routed" in _error({"models": [base], "ingress": {"mode": "fused"}})

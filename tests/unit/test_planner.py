@@ -3,7 +3,8 @@
 import pytest
 
 from app.config import ModelSpec
-from app.planner import PlanError, balance_stages, chunks_for_bubble, plan_model
+from app.models.generation_stages import layer_ranges
+from app.planner import PlanError, balance_stages, chunks_for_bubble, generator_balance, plan_model
 
 MiB = 2**20
 
@@ -145,3 +146,31 @@ def test_a_generator_that_fits_no_device_nor_gang_is_refused():
         plan_model(_generator_on(14.5, per_node=1))
     with pytest.raises(PlanError, match="KV cache of .* tokens"):
         plan_model(_generator_on(14.5, per_node=1, strategy="replicated"))
+
+
+def test_a_generator_past_one_node_gets_a_pipeline_of_layer_stages_with_their_kv_cache():
+    raw = _generator(14.5).model_dump()
+    raw["parallel"] = {**raw["parallel"], "devices": _budget(14.5, per_node=1, nodes=4)}
+    p = plan_model(ModelSpec.model_validate(raw))
+    assert p.strategy == "fairscale_pp" and p.pp >= 2 and p.chunks == 1
+    assert p.kv_cache_tokens >= 256 and "lockstep" in p.explain()
+    ranges = layer_ranges(p.balance, 4)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 4 and all(b > a for a, b in ranges)
+
+
+def test_layer_ranges_of_a_balance_and_a_stage_without_layers():
+    assert layer_ranges([2, 2], 2) == [(0, 1), (1, 2)]
+    assert layer_ranges([3, 1, 2], 4) == [(0, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match="holds no decoder layer"):
+        layer_ranges([1, 3, 2], 4)
+    with pytest.raises(ValueError, match="does not cover"):
+        layer_ranges([2, 2], 4)
+
+
+def test_generator_stages_each_hold_a_layer_even_beside_a_heavy_embedding():
+    units = [1000, 10, 10, 10, 10, 1000]  # embeddings, 4 layers, head: bytes alone would give [1, 4, 1]
+    assert balance_stages(units, 3) == (1, 4, 1)
+    b = generator_balance(units, 3)
+    assert sum(b) == 6 and all(b > a for a, b in layer_ranges(b, 4))
+    with pytest.raises(PlanError, match="only 4 decoder layers"):
+        generator_balance(units, 5)

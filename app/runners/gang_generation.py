@@ -1,22 +1,33 @@
-"""Tensor-parallel generation: the generator replica is rank 0 of a DeepSpeed AutoTP gang.
+"""Generation on a gang of processes: a DeepSpeed AutoTP gang (deepspeed_tp) or a pipeline of
+layer stages (fairscale_pp plans); the generator replica is rank 0 and drives the gang.
 
 transformers' continuous-batching manager is built for tensor parallelism: rank 0 (its "TP driver")
 owns the request queue and, at every step, broadcasts the new requests and cancellations to the
-other ranks over a gloo group; every rank then schedules the same batch from the same state, runs
-the same forward over its shard (DeepSpeed's all-reduces inside), and keeps the KV cache of its own
-heads. So every rank here runs the same GenerationEngine, and only rank 0's is given requests. No
-sampled token is broadcast: the logits are all-reduced (the same on every rank) and sampling.py's
-noise is a pure function of (seed, position, vocabulary index), so every rank takes the same token.
+other ranks over a gloo group; every rank then schedules the same batch from the same state and
+runs the same forward over its part of the model. So every rank here runs the same
+GenerationEngine, and only rank 0's is given requests:
+- tensor-parallel: each rank holds 1/tp of every layer (DeepSpeed's all-reduces inside the forward)
+  and the KV cache of its own heads;
+- pipeline: each rank is a stage holding its layers and their KV cache; hidden states go stage to
+  stage and the last stage's logits are broadcast (app/models/generation_stages.py). Fairscale's
+  Pipe does not fit here: it splits one tensor into micro-batches along the batch dimension, while
+  the manager packs a step's sequences into one row and passes its paged cache and indices beside
+  the tensors, which Pipe cannot carry through its stages. One step visits the stages in turn (no
+  micro-batches overlap across stages yet; docs/performance.md measures what that costs).
+No sampled token is broadcast: every rank has the same logits (all-reduced, or broadcast from the
+last stage) and sampling.py's noise is a pure function of (seed, position, vocabulary index), so
+every rank takes the same token.
 
-Rank 0 lives in the replica (no extra hop per token); ranks 1..tp-1 are Ray actors in the replica's
-placement group (bundle i holds rank i, STRICT_PACK on one node). A rank that dies leaves the others
-in a collective that never completes: a watcher sees its `serve` call end, aborts every stream with
-503 at once, and the health check fails so Serve replaces the whole gang.
+Rank 0 lives in the replica (no extra hop per token); ranks 1.. are Ray actors in the replica's
+placement group (bundle i holds rank i). A rank that dies leaves the others in a collective that
+never completes: a watcher sees its `serve` call end, aborts every stream with 503 at once, and the
+health check fails so Serve replaces the whole gang.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Optional
@@ -38,24 +49,48 @@ logger = logging.getLogger("ray.serve")
 _HEALTH_TIMEOUT_S = 30.0
 
 
-def load_shard(spec: ModelSpec, vocab_size: int, rank: int, world: int, master_addr: str, master_port: int,
-               gang_gpus: Optional[list[str]]) -> tuple[Any, int]:
-    """Join the gang, build the seeded model and shard it; returns the shard and the free memory
-    where this rank's KV cache will live."""
+def gang_size(plan: ParallelPlan) -> int:
+    return plan.tp if plan.strategy == "deepspeed_tp" else plan.pp
+
+
+def kv_shares(spec: ModelSpec, plan: ParallelPlan, num_layers: int) -> list[float]:
+    """The share of every token's keys and values each rank holds: 1/tp of the heads, or its stage's layers."""
+    if plan.strategy == "deepspeed_tp":
+        return [1.0 / plan.tp] * plan.tp
+    from app.models.generation_stages import layer_ranges
+
+    return [(b - a) / num_layers for a, b in layer_ranges(plan.balance or (), num_layers)]
+
+
+def load_part(spec: ModelSpec, plan: ParallelPlan, vocab_size: int, rank: int, master_addr: str, master_port: int,
+              gang_gpus: Optional[list[str]]) -> tuple[Any, int]:
+    """Join the gang, build the seeded model and keep this rank's part (a TP shard or a stage);
+    returns it and the free memory where this rank's KV cache will live."""
     from torch.distributed.device_mesh import DeviceMesh
 
     from app.models.loader import build_backbone, resolve_dtype
 
+    world = gang_size(plan)
     device = join_process_group(rank, world, master_addr, master_port, gang_gpus)
     dtype = resolve_dtype(spec, device)
-    model = shard_with_autotp(build_backbone(spec, vocab_size, device, dtype), world, dtype)
-    # What the manager reads to know it is one rank of `world`: the mesh, and whether the KV heads
-    # are split (DistributedHelper.are_kv_heads_tp_ed looks for exactly these two keys; set past the
-    # tp_plan setter, which would warn that they name nothing where the layers sit elsewhere, e.g. OPT).
+    if plan.strategy == "deepspeed_tp":
+        model = shard_with_autotp(build_backbone(spec, vocab_size, device, dtype), world, dtype)
+        # Whether the KV heads are split, for the manager's cache (DistributedHelper.are_kv_heads_tp_ed
+        # looks for exactly these two keys; set past the tp_plan setter, which would warn that they
+        # name nothing where the layers sit elsewhere, e.g. OPT).
+        model._tp_plan = {**(getattr(model, "_tp_plan", None) or {}),
+                          "layers.*.self_attn.k_proj": "colwise", "layers.*.self_attn.v_proj": "colwise"}
+        check_kv_heads_split(model, world)
+    else:
+        from app.models.generation_stages import cut_stage, layer_ranges
+
+        # Built whole on the host and cut before it moves: only the stage's layers reach its device
+        # (the host holds the whole model once per stage process while it loads).
+        model = build_backbone(spec, vocab_size, "cpu", dtype)
+        ranges = layer_ranges(plan.balance or (), model.config.get_text_config().num_hidden_layers)
+        model = cut_stage(model, rank, ranges).to(device)
+    # What the manager reads to know it is one rank of `world` (its request broadcast and lockstep).
     model._device_mesh = DeviceMesh(device.type, list(range(world)))
-    model._tp_plan = {**(getattr(model, "_tp_plan", None) or {}),
-                      "layers.*.self_attn.k_proj": "colwise", "layers.*.self_attn.v_proj": "colwise"}
-    check_kv_heads_split(model, world)
     free = int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else int(psutil.virtual_memory().available)
     return model, free
 
@@ -75,19 +110,27 @@ def check_kv_heads_split(model: Any, world: int) -> None:
     raise RuntimeError("no self_attn.k_proj in the model: tensor-parallel generation knows no other attention layout")
 
 
-def gang_budget(spec: ModelSpec, config: Any, dtype_bytes: int, world: int, frees: list[int], on_gpu: bool) -> KVBudget:
-    """The seed formula for a gang. Each rank holds 1/world of every token's keys and values: on
-    GPUs the rank with least free memory decides; CPU ranks share the host's memory, so the whole
+def gang_budget(spec: ModelSpec, config: Any, dtype_bytes: int, shares: list[float], frees: list[int],
+                on_gpu: bool) -> KVBudget:
+    """The seed formula for a gang, rank i holding shares[i] of every token's keys and values: on
+    GPUs the rank that runs out first decides; CPU ranks share the host's memory, so the whole
     token's bytes come out of it."""
     g = spec.generation
     full = kv_bytes_per_token(config, dtype_bytes)
-    if on_gpu:
-        return kv_budget(min(frees), full // world, g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
-    return kv_budget(min(frees), full, g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
+    if not on_gpu:
+        return kv_budget(min(frees), full, g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
+    per_rank = [kv_budget(free, max(1, int(full * share)), g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
+                for free, share in zip(frees, shares)]
+    return min(per_rank, key=lambda b: b.tokens)
 
 
-class TPGenerationRank:
-    """Rank 1..tp-1 of a generator gang (a threaded Ray actor: `serve` blocks while `ping` answers)."""
+def where_am_i(rank: int) -> dict[str, Any]:
+    """Rank, node and process, for /v1/models (which node each stage or rank landed on, and its pid)."""
+    return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+class GenerationRank:
+    """Rank 1.. of a generator gang (a threaded Ray actor: `serve` blocks while `ping` answers)."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
@@ -97,10 +140,13 @@ class TPGenerationRank:
     def gpu_ids(self) -> list[str]:
         return [str(g) for g in ray.get_gpu_ids()]
 
-    def load(self, spec: ModelSpec, vocab_size: int, master_addr: str, master_port: int,
+    def where(self) -> dict[str, Any]:
+        return where_am_i(self.rank)
+
+    def load(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int, master_addr: str, master_port: int,
              gang_gpus: Optional[list[str]]) -> int:
         torch.set_num_threads(spec.intra_op_threads(int(max(1, spec.parallel.rank_num_cpus))))
-        self.model, free = load_shard(spec, vocab_size, self.rank, self.world, master_addr, master_port, gang_gpus)
+        self.model, free = load_part(spec, plan, vocab_size, self.rank, master_addr, master_port, gang_gpus)
         return free
 
     def start_engine(self, budget: KVBudget, engine_args: dict[str, Any]) -> None:
@@ -119,18 +165,19 @@ class TPGenerationRank:
         return True
 
 
-class TensorParallelGeneration:
+class GenerationGang:
     """The gang seen from the replica (rank 0): start it, watch it, check it, stop it."""
 
     def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int):
         self.spec, self.plan, self.vocab_size = spec, plan, vocab_size
-        self.world = plan.tp
+        self.world = gang_size(plan)
         self.use_gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
         self.ranks: list[Any] = []
         self.gang_gpus: list[str] = []
         self.device = torch.device("cpu")
         self.engine: Any = None
         self._prefix: Optional[str] = None
+        self.placement: list[dict[str, Any]] = []
         self._lost: Optional[str] = None
 
     def start(self, engine_args: dict[str, Any]) -> Any:
@@ -140,7 +187,7 @@ class TensorParallelGeneration:
         from app.models.loader import build_config, resolve_dtype
 
         pg = get_current_placement_group()
-        cls = ray.remote(TPGenerationRank)
+        cls = ray.remote(GenerationRank)
         for rank in range(1, self.world):
             opts: dict[str, Any] = {"num_cpus": self.spec.parallel.rank_num_cpus, "num_gpus": 1 if self.use_gpu else 0,
                                     "max_restarts": 0, "max_concurrency": 4}
@@ -156,17 +203,19 @@ class TensorParallelGeneration:
                 raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({self.world})")
         addr, port = ray.util.get_node_ip_address(), free_port()
         self._prefix = shm_buffer_prefix(addr, port)
-        loads = [r.load.remote(self.spec, self.vocab_size, addr, port, gang_gpus) for r in self.ranks]
-        model, free = load_shard(self.spec, self.vocab_size, 0, self.world, addr, port, gang_gpus)
+        loads = [r.load.remote(self.spec, self.plan, self.vocab_size, addr, port, gang_gpus) for r in self.ranks]
+        model, free = load_part(self.spec, self.plan, self.vocab_size, 0, addr, port, gang_gpus)
         frees = [free] + ray.get(loads)
         self.device = next(model.parameters()).device
         self.gang_gpus = gang_gpus or []
         dtype = resolve_dtype(self.spec, self.device)
-        budget = gang_budget(self.spec, build_config(self.spec, self.vocab_size), dtype.itemsize, self.world, frees,
-                             self.use_gpu)
+        config = build_config(self.spec, self.vocab_size)
+        shares = kv_shares(self.spec, self.plan, config.get_text_config().num_hidden_layers)
+        budget = gang_budget(self.spec, config, dtype.itemsize, shares, frees, self.use_gpu)
         starts = [r.start_engine.remote(budget, engine_args) for r in self.ranks]
         self.engine = GenerationEngine(model, budget=budget, **engine_args)
         ray.get(starts)
+        self.placement = [where_am_i(0)] + ray.get([r.where.remote() for r in self.ranks])
         serving = [r.serve.remote() for r in self.ranks]
         threading.Thread(target=self._watch, args=(serving,), name="tp-gang-watch", daemon=True).start()
         return self.engine
@@ -180,7 +229,7 @@ class TensorParallelGeneration:
             why = f"its loop ended: {ray.get(done[0])}"
         except Exception as e:  # noqa: BLE001 - the actor died: that is the news
             why = type(e).__name__
-        self._lost = f"tensor-parallel rank {i} is gone ({why}); this replica is being replaced"
+        self._lost = f"{self.plan.strategy} rank {i} is gone ({why}); this replica is being replaced"
         logger.error("generator %s: %s", self.spec.name, self._lost)
         self.engine.abort(self._lost)
         for r in self.ranks:  # the survivors sit in a collective that never completes
@@ -194,7 +243,13 @@ class TensorParallelGeneration:
 
     def describe(self) -> dict[str, Any]:
         kind = "cuda" if self.use_gpu else "cpu"
-        return {"devices": [f"{kind}:rank{i}" for i in range(self.world)], "tp": self.world}
+        if self.plan.strategy == "deepspeed_tp":
+            return {"devices": [f"{kind}:rank{i}" for i in range(self.world)], "tp": self.world,
+                    "ranks": self.placement}
+        return {"devices": [f"{kind}:stage{i}" for i in range(self.world)], "pp": self.world, "ranks": self.placement,
+                "balance": list(self.plan.balance or ()),
+                "runner": "stage processes in lockstep (transformers continuous batching; Fairscale Pipe "
+                          "cannot carry the paged KV cache)"}
 
     def shutdown(self) -> None:
         """Stop rank 0's loop first (its stop reaches the other ranks at their next collective), then the actors."""
