@@ -4,7 +4,8 @@ import pytest
 
 from app.config import ModelSpec
 from app.models.generation_stages import layer_ranges
-from app.planner import PlanError, balance_stages, chunks_for_bubble, generator_balance, plan_model
+from app.planner import PlanError, balance_stages, chunks_for_bubble, plan_model
+from app.planner_generate import generator_balance
 
 MiB = 2**20
 
