@@ -1,6 +1,8 @@
 """Served generation against its peers, same model, same arrivals, same machine, one run:
 
 - `ours`: `serve run` of this service (one generator replica, continuous batching) over HTTP;
+  `ours-tp2` / `ours-pp2` (any N): the same replica as a DeepSpeed TP gang or a pipeline of N
+  layer stages (app/runners/gang_generation.py), each rank with --threads torch threads;
 - `transformers`: `transformers serve --continuous-batching` (the OpenAI-compatible server in the
   transformers package) over HTTP, with the same KV cache size and step token budget;
 - `static`: whole batches through `model.generate` in this process (no HTTP: its best case).
@@ -150,14 +152,24 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_ours(model_dir: Path, raw: dict, ns, port: int, log) -> subprocess.Popen:
+def gang_parallel(peer: str, ns) -> dict:
+    """`ours-tp2` -> a forced deepspeed_tp plan of 2 ranks (`ours-pp2`: 2 pipeline stages); `ours`: {}."""
+    if peer == "ours":
+        return {}
+    kind, n = peer.removeprefix("ours-")[:2], int(peer.removeprefix("ours-")[2:])
+    strategy = {"tp": "deepspeed_tp", "pp": "fairscale_pp"}[kind]
+    return {"strategy": strategy, kind: n, "rank_num_cpus": 0.5,
+            "devices": {"kind": "gpu" if ns.device == "cuda" else "cpu", "per_node": n}}
+
+
+def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | None = None) -> subprocess.Popen:
     g = dict(raw.get("generation") or {})
     spec = {"name": MODEL, "source": {"kind": "local_dir", "path": str(model_dir)}, "task": "generate",
             "max_seq_len": raw["max_seq_len"], "dtype": ns.dtype, "device": ns.device, "generation": g,
             "deployment": {"num_cpus": 1, "num_gpus": 1 if ns.device == "cuda" else 0,
                            "torch_threads": ns.threads},
             # One replica, as the peer is one process: the comparison is of engines, not of scale-out.
-            "autoscaling": {"enabled": False}}
+            "autoscaling": {"enabled": False}, **({"parallel": parallel} if parallel else {})}
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port, "request_timeout_s": 600},
            "logging_config": {"enable_access_log": False},
            "applications": [{"name": "peers", "route_prefix": "/", "import_path": "deployments.builder:build_app",
@@ -291,29 +303,31 @@ def main() -> int:
                                ns.sla_ttft_ms))
             del model
             continue
-        start = {"ours": start_ours, "transformers": start_transformers}[peer]
+        ours = peer.startswith("ours")
         log_path = work_dir / f"{peer}.log"
         with open(log_path, "w") as log:
-            proc = start(model_dir, raw, ns, ns.port, log)
+            if ours:
+                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(peer, ns))
+            else:
+                proc = start_transformers(model_dir, raw, ns, ns.port, log)
             try:
                 url = f"http://127.0.0.1:{ns.port}"
-                meta["ready_s"][peer] = wait_ready(url, MODEL if peer == "ours" else str(model_dir),
-                                                   ns.ready_timeout_s, proc)
+                meta["ready_s"][peer] = wait_ready(url, MODEL if ours else str(model_dir), ns.ready_timeout_s, proc)
                 for r in rates:
-                    records, wall = asyncio.run(run_http(url, MODEL if peer == "ours" else str(model_dir), works[r]))
+                    records, wall = asyncio.run(run_http(url, MODEL if ours else str(model_dir), works[r]))
                     show(summarise(peer, r, records, wall, ns.sla_ttft_ms))
             except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the others still run
                 print(f"{peer}: {type(e).__name__}: {e}; last log lines:", flush=True)
                 print("".join(log_path.read_text().splitlines(keepends=True)[-15:]), flush=True)
             finally:
                 stop(proc)
-                if peer == "ours":
+                if ours:
                     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
     for r in rates:
         by = {x["engine"]: x for x in rows if x["rate"] == r}
         if "ours" in by:
             ratios = [f"{by['ours']['output_tokens_per_s'] / by[p]['output_tokens_per_s']:.2f}x {p}"
-                      for p in ("transformers", "static") if p in by and by[p]["output_tokens_per_s"]]
+                      for p in by if p != "ours" and by[p]["output_tokens_per_s"]]
             print(f"  ours output tokens/s at {r:g} req/s: " + ", ".join(ratios))
     if ns.out:
         out = Path(ns.out)
