@@ -91,6 +91,11 @@ def test_greedy_equals_generate_for_concurrent_prompts_of_different_lengths(gen_
             return await asyncio.gather(*(ask(c, i, p) for i, p in enumerate(prompts)))
 
     answers = asyncio.run(run())
+    assert_answers_equal_generate(model, text, prompts, answers)
+
+
+def assert_answers_equal_generate(model, text, prompts, answers) -> None:
+    """Answer i (max_tokens 12 + i, greedy) is transformers' `generate` of the unsplit model, token for token."""
     eos = text.eos_token_ids(model.config)
     for i, (p, a) in enumerate(zip(prompts, answers)):
         ids = text.encode_prompt(p)

@@ -15,14 +15,13 @@ import time
 
 import httpx
 import pytest
-import torch
 from ray._common.test_utils import wait_for_condition
-from transformers import GenerationConfig
 
 from app.config import ModelSpec
 from app.models.chat import GenerationText
 from app.models.loader import build_backbone
 from tests.integration.conftest import app_entry, extra_app
+from tests.integration.test_generation import assert_answers_equal_generate
 
 pytestmark = pytest.mark.integration
 
@@ -99,15 +98,7 @@ def test_greedy_equals_generate_for_concurrent_prompts_of_different_lengths(url,
             return await asyncio.gather(*(ask(c, i, p) for i, p in enumerate(prompts)))
 
     answers = asyncio.run(run())
-    eos = text.eos_token_ids(model.config)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids = text.encode_prompt(p)
-        cfg = GenerationConfig(do_sample=False, max_new_tokens=12 + i, eos_token_id=eos, pad_token_id=0)
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 generation_config=cfg)[0, len(ids):].tolist()
-        assert a["usage"]["completion_tokens"] == len(ref), i
-        assert a["choices"][0]["text"] == text.tok.decode(ref, skip_special_tokens=True), i
+    assert_answers_equal_generate(model, text, prompts, answers)
 
 
 @GANGS
