@@ -23,6 +23,16 @@ class KVBudget:
                 "capped_by": self.capped_by}
 
 
+def free_memory_bytes(device: Any) -> int:
+    """Free memory where a KV cache will live (a CUDA device's, else the host's), measured after the weights load."""
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
 def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
     """Keys and values of every layer for one token: 2 x layers x kv_heads x head_dim x dtype bytes."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -15,15 +15,13 @@ import logging
 import time
 from typing import Any, AsyncIterator
 
-import psutil
 import ray
-import torch
 from ray import serve
 
 from app.config import CostConfig, ModelSpec
 from app.engine.startup import tune_process
 from app.errors import PayloadTooLarge, ServingError
-from app.kv_cache import kv_budget, kv_bytes_per_token
+from app.kv_cache import free_memory_bytes, kv_budget, kv_bytes_per_token
 from app.metrics import GenerationMetrics
 from app.models.chat import GenerationText
 from app.models.loader import build_backbone, build_config, resolve_device, resolve_dtype
@@ -31,13 +29,6 @@ from app.planner import ParallelPlan
 from app.protocols.openai import GenerateCall, GenEvent
 
 logger = logging.getLogger("ray.serve")
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where the KV cache will live, measured after the weights loaded."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return int(psutil.virtual_memory().available)
 
 
 class GeneratorServer:

@@ -32,14 +32,13 @@ import threading
 import time
 from typing import Any, Optional
 
-import psutil
 import ray
 import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from app.config import ModelSpec
-from app.kv_cache import KVBudget, kv_budget, kv_bytes_per_token
+from app.kv_cache import KVBudget, free_memory_bytes, kv_budget, kv_bytes_per_token
 from app.planner import ParallelPlan
 from app.runners.tp_group import (free_port, join_process_group, remove_shm_buffers, shard_with_autotp,
                                   shm_buffer_prefix)
@@ -53,7 +52,7 @@ def gang_size(plan: ParallelPlan) -> int:
     return plan.tp if plan.strategy == "deepspeed_tp" else plan.pp
 
 
-def kv_shares(spec: ModelSpec, plan: ParallelPlan, num_layers: int) -> list[float]:
+def kv_shares(plan: ParallelPlan, num_layers: int) -> list[float]:
     """The share of every token's keys and values each rank holds: 1/tp of the heads, or its stage's layers."""
     if plan.strategy == "deepspeed_tp":
         return [1.0 / plan.tp] * plan.tp
@@ -91,8 +90,7 @@ def load_part(spec: ModelSpec, plan: ParallelPlan, vocab_size: int, rank: int, m
         model = cut_stage(model, rank, ranges).to(device)
     # What the manager reads to know it is one rank of `world` (its request broadcast and lockstep).
     model._device_mesh = DeviceMesh(device.type, list(range(world)))
-    free = int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else int(psutil.virtual_memory().available)
-    return model, free
+    return model, free_memory_bytes(device)
 
 
 def check_kv_heads_split(model: Any, world: int) -> None:
@@ -210,7 +208,7 @@ class GenerationGang:
         self.gang_gpus = gang_gpus or []
         dtype = resolve_dtype(self.spec, self.device)
         config = build_config(self.spec, self.vocab_size)
-        shares = kv_shares(self.spec, self.plan, config.get_text_config().num_hidden_layers)
+        shares = kv_shares(self.plan, config.get_text_config().num_hidden_layers)
         budget = gang_budget(self.spec, config, dtype.itemsize, shares, frees, self.use_gpu)
         starts = [r.start_engine.remote(budget, engine_args) for r in self.ranks]
         self.engine = GenerationEngine(model, budget=budget, **engine_args)
