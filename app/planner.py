@@ -124,6 +124,9 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         f"{_gb(usable)} usable per device"
     )
     reasons = [sizes]
+    if par.strategy == "tp_pp" and spec.task != "generate":
+        raise PlanError(f"{spec.name}: parallel.strategy tp_pp (pipeline stages of tensor-parallel groups) serves "
+                        f"generators; for {spec.task} use deepspeed_tp or fairscale_pp")
     if spec.task == "generate":
         from app.planner_generate import plan_generator
 

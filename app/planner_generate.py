@@ -1,5 +1,7 @@
 """The planner's decision for generators (`task: generate`): one device, a tensor-parallel gang
-inside a node, or a pipeline of layer stages, each sized with its share of the KV cache.
+inside a node, pipeline stages that are each a tensor-parallel group (tp x pp: TP over a node's
+fast links, stages across nodes), or a pipeline of one-device stages where the heads do not
+split; each sized with its share of the KV cache.
 
 A generator needs room for its weights and at least one full-length sequence's keys and values:
 on one device, 1/tp of both per rank of a gang, or each stage's layers' share on a pipeline. The
@@ -30,6 +32,10 @@ def plan_generator(spec: ModelSpec, fp: Footprint, usable: float, reasons: list[
     if par.strategy == "fairscale_pp":
         p = par.pp or _smallest_pp(spec, fp, total_devices, usable) or 2
         return _pipeline(spec, fp, usable, reasons, f"strategy forced to fairscale_pp (pp={p})", p)
+    if par.strategy == "tp_pp":
+        t = par.tp or _widest_tp(fp, dev.per_node)
+        p = par.pp or _smallest_pp(spec, fp, total_devices // t, usable, t) or 2
+        return _pipeline(spec, fp, usable, reasons, f"strategy forced to tp_pp (tp={t} x pp={p})", p, t)
     if _fits(spec, fp, 1, usable):
         return _on_gang(spec, fp, usable, reasons, f"weights and one full-length sequence's KV cache fit one device "
                                                    f"({_gb(fp.param_bytes)} of parameters)", 1)
@@ -38,13 +44,20 @@ def plan_generator(spec: ModelSpec, fp: Footprint, usable: float, reasons: list[
         return _on_gang(spec, fp, usable, reasons, f"does not fit one device with a full-length sequence's KV cache; "
                                                    f"tp={t} is the smallest split inside one node that does and "
                                                    "divides the heads", t)
+    t = _widest_tp(fp, dev.per_node)
+    p = _smallest_pp(spec, fp, total_devices // t, usable, t) if t > 1 and dev.nodes > 1 else None
+    if p is not None:
+        return _pipeline(spec, fp, usable, reasons, f"does not fit a tp gang inside one node ({dev.per_node} devices) "
+                                                    f"with a full-length sequence's KV cache; tp={t} fills a node's "
+                                                    f"fast links and {p} such stages across nodes do", p, t)
     p = _smallest_pp(spec, fp, total_devices, usable)
     if p is not None:
         return _pipeline(spec, fp, usable, reasons, f"does not fit one device nor a tp gang inside one node "
                                                     f"({dev.per_node} devices) with a full-length sequence's KV "
                                                     f"cache; {p} stages do", p)
     raise PlanError(f"{spec.name}: a generator needs its weights and one full-length sequence's KV cache on one "
-                    f"device, a tp gang of at most {dev.per_node} devices or a pipeline of at most {total_devices}; "
+                    f"device, a tp gang of at most {dev.per_node} devices, stages of such gangs over {dev.nodes} node(s) "
+                    f"or a pipeline of at most {total_devices}; "
                     f"none fits ({reasons[0]})")
 
 
@@ -76,10 +89,15 @@ def _on_gang(spec: ModelSpec, fp: Footprint, usable: float, reasons: list[str], 
                         kv_cache_tokens=kv_tokens)
 
 
-def _pipeline(spec: ModelSpec, fp: Footprint, usable: float, reasons: list[str], why: str, p: int) -> ParallelPlan:
-    """p stages of layers, each stage holding its layers' KV cache."""
+def _pipeline(spec: ModelSpec, fp: Footprint, usable: float, reasons: list[str], why: str, p: int,
+              t: int = 1) -> ParallelPlan:
+    """p stages of layers, each stage holding its layers' KV cache; with t > 1 each stage is a
+    tensor-parallel group of t ranks holding 1/t of the stage's weights and KV heads."""
     g = spec.generation
-    found = _stages(spec, fp, p, usable)
+    if t > 1 and not _tp_ok(fp, t):
+        raise PlanError(f"{spec.name}: tp={t} must divide attention heads ({fp.num_heads}), kv heads "
+                        f"({fp.num_kv_heads}) and hidden size ({fp.hidden_size})")
+    found = _stages(spec, fp, p, usable, t)
     if found is None:
         raise PlanError(f"{spec.name}: pp={p} leaves a generator stage without a decoder layer "
                         f"({fp.num_layers} layers): use fewer stages")
@@ -89,12 +107,14 @@ def _pipeline(spec: ModelSpec, fp: Footprint, usable: float, reasons: list[str],
         raise PlanError(f"{spec.name}: pp={p} leaves a KV cache of {kv_tokens} tokens on its fullest stage "
                         f"({_gb(worst)} of parameters), under one full-length sequence ({spec.max_seq_len})")
     run = g.max_running_sequences
-    notes = [why, f"stages of {list(balance)} units, fullest {_gb(worst)}; KV cache {kv_tokens} tokens "
-                  f"(the stage that runs out first holds {kv_worst} B per token), {run} decoded per step; stage "
+    per = "" if t == 1 else f" per rank of tp={t}"
+    notes = [why, f"stages of {list(balance)} units, fullest {_gb(worst)}{per}; KV cache {kv_tokens} tokens "
+                  f"(the stage that runs out first holds {kv_worst} B per token{per}), {run} decoded per step; stage "
                   "processes step in lockstep (Fairscale Pipe cannot carry the paged KV cache), no micro-batches "
                   "overlap yet"]
-    return ParallelPlan("fairscale_pp", 1, p, 1, balance, p, run, run, fp.param_bytes, worst,
-                        fp.activation_bytes_per_sample, int(usable), tuple(reasons + notes), kv_cache_tokens=kv_tokens)
+    return ParallelPlan("fairscale_pp" if t == 1 else "tp_pp", t, p, 1, balance, t * p, run, run, fp.param_bytes,
+                        worst, fp.activation_bytes_per_sample, int(usable), tuple(reasons + notes),
+                        kv_cache_tokens=kv_tokens)
 
 
 def _fits(spec: ModelSpec, fp: Footprint, t: int, usable: float) -> bool:
@@ -124,9 +144,15 @@ def generator_balance(unit_bytes: Sequence[int], stages: int) -> tuple[int, ...]
     return tuple(b)
 
 
-def _stages(spec: ModelSpec, fp: Footprint, p: int, usable: float) -> Optional[tuple[tuple[int, ...], int, int, int]]:
-    """(balance, fullest stage's bytes, KV tokens of the stage that runs out first, its KV bytes per
-    token) for p stages; None where a stage would hold no decoder layer."""
+def _widest_tp(fp: Footprint, per_node: int) -> int:
+    """The largest tp <= a node's devices that divides the heads (1 if none does)."""
+    return max((t for t in range(1, per_node + 1) if t == 1 or _tp_ok(fp, t)), default=1)
+
+
+def _stages(spec: ModelSpec, fp: Footprint, p: int, usable: float,
+            t: int = 1) -> Optional[tuple[tuple[int, ...], int, int, int]]:
+    """(balance, fullest stage's bytes per rank, KV tokens of the stage that runs out first, its KV
+    bytes per token per rank) for p stages of t ranks; None where a stage would hold no decoder layer."""
     from app.models.generation_stages import layer_ranges
 
     try:
@@ -136,19 +162,21 @@ def _stages(spec: ModelSpec, fp: Footprint, p: int, usable: float) -> Optional[t
         return None
     worst, tokens, kv_worst, i = 0, None, 0, 0
     for count, (a, b) in zip(balance, ranges):
-        stage_bytes = sum(fp.unit_bytes[i : i + count])
+        stage_bytes = sum(fp.unit_bytes[i : i + count]) // t
         i += count
         worst = max(worst, stage_bytes)
-        kv = max(1, fp.kv_bytes_per_token * (b - a) // fp.num_layers)
-        t = int(max(0.0, usable - stage_bytes) * spec.generation.kv_cache_memory_fraction) // kv
-        if tokens is None or t < tokens:
-            tokens, kv_worst = t, kv
+        kv = max(1, fp.kv_bytes_per_token * (b - a) // fp.num_layers // t)
+        fit = int(max(0.0, usable - stage_bytes) * spec.generation.kv_cache_memory_fraction) // kv
+        if tokens is None or fit < tokens:
+            tokens, kv_worst = fit, kv
     return balance, worst, int(tokens or 0), kv_worst
 
 
-def _smallest_pp(spec: ModelSpec, fp: Footprint, total_devices: int, usable: float) -> Optional[int]:
+def _smallest_pp(spec: ModelSpec, fp: Footprint, total_devices: int, usable: float, t: int = 1) -> Optional[int]:
+    """Fewest stages of t ranks each (at most `total_devices` stages) that hold the weights and one
+    full-length sequence's KV cache."""
     for p in range(2, min(total_devices, fp.num_layers) + 1):
-        found = _stages(spec, fp, p, usable)
+        found = _stages(spec, fp, p, usable, t)
         if found is not None and found[2] >= spec.max_seq_len:
             return p
     return None

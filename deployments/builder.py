@@ -70,12 +70,14 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int =
             }
         options["autoscaling_config"] = autoscaling
     if spec.task == "generate" and plan.strategy != "replicated":
-        # The replica is rank 0 of its gang (app/runners/gang_generation.py): bundle i holds rank i.
-        # A TP gang shares one node (all-reduces every layer); pipeline stages may span nodes.
-        rank_bundle = {"CPU": spec.parallel.rank_num_cpus, **({"GPU": 1} if gpu else {})}
-        options["ray_actor_options"] = {"num_cpus": spec.parallel.rank_num_cpus, "num_gpus": 1 if gpu else 0}
-        options["placement_group_bundles"] = [dict(rank_bundle) for _ in range(plan.devices)]
-        options["placement_group_strategy"] = "STRICT_PACK" if plan.strategy == "deepspeed_tp" else "PACK"
+        # The replica is rank 0 of its gang (app/runners/gang_generation.py); bundle s holds stage
+        # s's tp ranks, so a stage's all-reduces stay inside one node (a bundle never spans nodes)
+        # while PACK puts the stages on as few nodes as hold them (one node where they fit).
+        tp, rank_cpus = plan.tp, spec.parallel.rank_num_cpus
+        stage_bundle = {"CPU": tp * rank_cpus, **({"GPU": tp} if gpu else {})}
+        options["ray_actor_options"] = {"num_cpus": rank_cpus, "num_gpus": 1 if gpu else 0}
+        options["placement_group_bundles"] = [dict(stage_bundle) for _ in range(plan.pp)]
+        options["placement_group_strategy"] = "PACK"
         options["health_check_period_s"] = 2
     elif plan.strategy == "deepspeed_tp":
         # The replica only drives its ranks: bundle 0 is its own, bundles 1..tp hold one rank each,
@@ -98,6 +100,9 @@ def _plan(spec: ModelSpec, index: int) -> tuple[ParallelPlan, int]:
         plan = plan_model(spec, vocab)
     except PlanError as e:
         raise PlanError(f"models[{index}] ({spec.name}): {e}") from None
+    if plan.strategy == "tp_pp" and spec.task != "generate":
+        raise PlanError(f"models[{index}].parallel: tp_pp (pipeline stages of tensor-parallel groups) serves "
+                        f"generators; for {spec.task} use deepspeed_tp or fairscale_pp")
     if plan.strategy == "fairscale_pp" and plan.pp > spec.parallel.devices.per_node and spec.task != "generate":
         raise PlanError(
             f"models[{index}].parallel: {spec.name} needs a {plan.pp}-stage pipeline across nodes; "

@@ -57,7 +57,7 @@ class ModelSpec(_Strict):
         if self.backend.kind != "torch":
             if self.task == "generate":
                 raise ValueError(f"backend: {self.backend.kind!r} runs encoders (embed, classify); a generator runs on torch")
-            if self.parallel.strategy in ("deepspeed_tp", "fairscale_pp"):
+            if self.parallel.strategy in ("deepspeed_tp", "fairscale_pp", "tp_pp"):
                 raise ValueError(f"backend: {self.backend.kind!r} runs a whole model in one process; "
                                  f"parallel.strategy {self.parallel.strategy!r} needs backend torch")
         if isinstance(self.source, RandomInitSource):

@@ -197,7 +197,9 @@ class AutoscalingOptions(_Strict):
 class ParallelConfig(_Strict):
     """How a model is split over devices: chosen by the planner unless forced here."""
 
-    strategy: Literal["auto", "replicated", "deepspeed_tp", "fairscale_pp"] = "auto"
+    # tp_pp: pipeline stages that are each a DeepSpeed AutoTP group of tp ranks (generators;
+    # tensor parallelism inside a node, stages across nodes).
+    strategy: Literal["auto", "replicated", "deepspeed_tp", "fairscale_pp", "tp_pp"] = "auto"
     tp: Optional[int] = Field(None, ge=1, le=64)
     pp: Optional[int] = Field(None, ge=1, le=256)
     chunks: Optional[int] = Field(None, ge=1, le=1024)
@@ -215,10 +217,14 @@ class ParallelConfig(_Strict):
 
     @model_validator(mode="after")
     def _forced_consistent(self) -> "ParallelConfig":
-        if self.tp is not None and self.tp > 1 and self.strategy not in ("auto", "deepspeed_tp"):
+        if self.tp is not None and self.tp > 1 and self.strategy not in ("auto", "deepspeed_tp", "tp_pp"):
             raise ValueError(f"tp: {self.tp} set but strategy is {self.strategy!r}")
-        if self.pp is not None and self.pp > 1 and self.strategy not in ("auto", "fairscale_pp"):
+        if self.pp is not None and self.pp > 1 and self.strategy not in ("auto", "fairscale_pp", "tp_pp"):
             raise ValueError(f"pp: {self.pp} set but strategy is {self.strategy!r}")
+        if self.strategy == "tp_pp" and (self.tp is not None and self.pp is not None) and \
+                self.tp * self.pp > self.devices.per_node * self.devices.nodes:
+            raise ValueError(f"tp x pp = {self.tp * self.pp} exceeds the "
+                             f"{self.devices.per_node * self.devices.nodes} devices declared")
         if self.tp is not None and self.tp > self.devices.per_node:
             raise ValueError(f"tp: {self.tp} exceeds devices.per_node ({self.devices.per_node}); TP stays inside one node")
         if self.pp is not None and self.pp > self.devices.per_node * self.devices.nodes:

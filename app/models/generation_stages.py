@@ -14,6 +14,10 @@ logits. Cut here, a stage is still such a model:
 
 The point-to-point order is fixed (recv from s-1, send to s+1, then the broadcast), so no two
 stages ever wait on each other in a cycle.
+
+In a tp x pp gang each stage is a tensor-parallel group of `tp` ranks (global rank = stage x tp +
+t): after its all-reduces every rank of a stage holds the whole hidden state, so rank t sends to
+rank t of the next stage, and the logits come from rank 0 of the last stage.
 """
 
 from __future__ import annotations
@@ -83,9 +87,10 @@ def layer_ranges(balance: list[int] | tuple[int, ...], num_layers: int) -> list[
     return ranges
 
 
-def cut_stage(model: Any, stage: int, ranges: list[tuple[int, int]]) -> Any:
+def cut_stage(model: Any, stage: int, ranges: list[tuple[int, int]], tp: int = 1, tp_rank: int = 0) -> Any:
     """Make `model` (a Llama-layout causal LM: model.model.{embed_tokens, layers, norm}, lm_head)
-    stage `stage` of `ranges` in place, in the default process group where rank == stage."""
+    stage `stage` of `ranges` in place, as rank `tp_rank` of the stage's `tp` ranks (the default
+    process group's rank stage x tp + tp_rank)."""
     base = getattr(model, "model", None)
     if base is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm")) or \
             not hasattr(model, "lm_head"):
@@ -109,11 +114,28 @@ def cut_stage(model: Any, stage: int, ranges: list[tuple[int, int]]) -> Any:
     base.config = text
     for layer in layers:
         layer.self_attn.config = text
+    peer = lambda s: s * tp + tp_rank  # noqa: E731 - the same tensor-parallel rank of stage s
     if stage > 0:
-        base.embed_tokens = _ReceiveHidden(stage - 1, hidden, dtype)
+        base.embed_tokens = _ReceiveHidden(peer(stage - 1), hidden, dtype)
     if stage < last:
-        base.norm = _SendHidden(stage + 1)
-    model.lm_head = _BroadcastLogits(model.lm_head if stage == last else None, last, vocab, dtype)
+        base.norm = _SendHidden(peer(stage + 1))
+    model.lm_head = _BroadcastLogits(model.lm_head if stage == last else None, last * tp, vocab, dtype)
     # The manager reads the model's TP plan to decide whether KV heads are split: they are not here.
     model._tp_plan = {}
     return model
+
+
+def split_heads_in_config(model: Any, tp: int) -> None:
+    """After AutoTP split a stage's attention `tp` ways, make its config count one rank's heads.
+
+    The manager sizes the paged cache from the config's KV heads and divides them by its lockstep
+    group's size only when the TP plan names k/v projections; in a tp x pp gang that group is the
+    whole gang (tp x pp ranks), so the division would be wrong. So the stage's config counts this
+    rank's heads (head_dim pinned) and the TP plan names none (cut_stage empties it)."""
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        raise ValueError(f"tp={tp} must divide the attention heads ({heads}) and kv heads ({kv_heads})")
+    text.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    text.num_attention_heads, text.num_key_value_heads = heads // tp, kv_heads // tp

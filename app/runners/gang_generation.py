@@ -9,7 +9,9 @@ GenerationEngine, and only rank 0's is given requests:
 - tensor-parallel: each rank holds 1/tp of every layer (DeepSpeed's all-reduces inside the forward)
   and the KV cache of its own heads;
 - pipeline: each rank is a stage holding its layers and their KV cache; hidden states go stage to
-  stage and the last stage's logits are broadcast (app/models/generation_stages.py). Fairscale's
+  stage and the last stage's logits are broadcast (app/models/generation_stages.py);
+- tp x pp: each stage is a tensor-parallel group of tp ranks (its own DeepSpeed AutoTP group), and
+  rank t of a stage sends to rank t of the next. Fairscale's
   Pipe does not fit here: it splits one tensor into micro-batches along the batch dimension, while
   the manager packs a step's sequences into one row and passes its paged cache and indices beside
   the tensors, which Pipe cannot carry through its stages. One step visits the stages in turn (no
@@ -19,7 +21,8 @@ last stage) and sampling.py's noise is a pure function of (seed, position, vocab
 every rank takes the same token.
 
 Rank 0 lives in the replica (no extra hop per token); ranks 1.. are Ray actors in the replica's
-placement group (bundle i holds rank i). A rank that dies leaves the others in a collective that
+placement group (bundle s holds stage s's ranks: one bundle for a TP gang, one per stage of a
+pipeline, whose stages Ray may place on different nodes). A rank that dies leaves the others in a collective that
 never completes: a watcher sees its `serve` call end, aborts every stream with 503 at once, and the
 health check fails so Serve replaces the whole gang.
 """
@@ -49,16 +52,18 @@ _HEALTH_TIMEOUT_S = 30.0
 
 
 def gang_size(plan: ParallelPlan) -> int:
-    return plan.tp if plan.strategy == "deepspeed_tp" else plan.pp
+    """Ranks of the gang: tp (deepspeed_tp), pp (stages of one rank) or tp x pp (stages of tp ranks)."""
+    return plan.tp * plan.pp
 
 
 def kv_shares(plan: ParallelPlan, num_layers: int) -> list[float]:
-    """The share of every token's keys and values each rank holds: 1/tp of the heads, or its stage's layers."""
-    if plan.strategy == "deepspeed_tp":
+    """The share of every token's keys and values each rank holds: 1/tp of the heads of its stage's layers."""
+    if plan.pp == 1:
         return [1.0 / plan.tp] * plan.tp
     from app.models.generation_stages import layer_ranges
 
-    return [(b - a) / num_layers for a, b in layer_ranges(plan.balance or (), num_layers)]
+    return [(b - a) / num_layers / plan.tp for a, b in layer_ranges(plan.balance or (), num_layers)
+            for _ in range(plan.tp)]
 
 
 def load_part(spec: ModelSpec, plan: ParallelPlan, vocab_size: int, rank: int, master_addr: str, master_port: int,
@@ -72,7 +77,7 @@ def load_part(spec: ModelSpec, plan: ParallelPlan, vocab_size: int, rank: int, m
     world = gang_size(plan)
     device = join_process_group(rank, world, master_addr, master_port, gang_gpus)
     dtype = resolve_dtype(spec, device)
-    if plan.strategy == "deepspeed_tp":
+    if plan.pp == 1:
         model = shard_with_autotp(build_backbone(spec, vocab_size, device, dtype), world, dtype)
         # Whether the KV heads are split, for the manager's cache (DistributedHelper.are_kv_heads_tp_ed
         # looks for exactly these two keys; set past the tp_plan setter, which would warn that they
@@ -81,13 +86,21 @@ def load_part(spec: ModelSpec, plan: ParallelPlan, vocab_size: int, rank: int, m
                           "layers.*.self_attn.k_proj": "colwise", "layers.*.self_attn.v_proj": "colwise"}
         check_kv_heads_split(model, world)
     else:
-        from app.models.generation_stages import cut_stage, layer_ranges
+        from app.models.generation_stages import cut_stage, layer_ranges, split_heads_in_config
 
+        stage, t = divmod(rank, plan.tp)
+        # Every rank creates every stage's group, in the same order (new_group is collective).
+        groups = [torch.distributed.new_group(ranks=list(range(s * plan.tp, (s + 1) * plan.tp)))
+                  for s in range(plan.pp)] if plan.tp > 1 else []
         # Built whole on the host and cut before it moves: only the stage's layers reach its device
         # (the host holds the whole model once per stage process while it loads).
         model = build_backbone(spec, vocab_size, "cpu", dtype)
         ranges = layer_ranges(plan.balance or (), model.config.get_text_config().num_hidden_layers)
-        model = cut_stage(model, rank, ranges).to(device)
+        model = cut_stage(model, stage, ranges, plan.tp, t).to(device)
+        if plan.tp > 1:  # each stage a DeepSpeed AutoTP group of its own tp ranks
+            model = shard_with_autotp(model, plan.tp, dtype, groups[stage])
+            check_kv_heads_split(model, plan.tp)
+            split_heads_in_config(model, plan.tp)
     # What the manager reads to know it is one rank of `world` (its request broadcast and lockstep).
     model._device_mesh = DeviceMesh(device.type, list(range(world)))
     return model, free_memory_bytes(device)
@@ -169,7 +182,10 @@ class GenerationGang:
     def __init__(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int):
         self.spec, self.plan, self.vocab_size = spec, plan, vocab_size
         self.world = gang_size(plan)
-        self.use_gpu = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
+        # Each rank reserves a GPU where the budget is GPUs (a logical one on a test cluster); it
+        # computes on CUDA only where CUDA is there.
+        self.reserve_gpus = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
+        self.use_gpu = self.reserve_gpus and torch.cuda.is_available()
         self.ranks: list[Any] = []
         self.gang_gpus: list[str] = []
         self.device = torch.device("cpu")
@@ -187,11 +203,11 @@ class GenerationGang:
         pg = get_current_placement_group()
         cls = ray.remote(GenerationRank)
         for rank in range(1, self.world):
-            opts: dict[str, Any] = {"num_cpus": self.spec.parallel.rank_num_cpus, "num_gpus": 1 if self.use_gpu else 0,
-                                    "max_restarts": 0, "max_concurrency": 4}
-            if pg is not None:
+            opts: dict[str, Any] = {"num_cpus": self.spec.parallel.rank_num_cpus,
+                                    "num_gpus": 1 if self.reserve_gpus else 0, "max_restarts": 0, "max_concurrency": 4}
+            if pg is not None:  # bundle s holds stage s's tp ranks (deployments/builder.py)
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank)
+                    placement_group=pg, placement_group_bundle_index=rank // self.plan.tp)
             self.ranks.append(cls.options(**opts).remote(rank, self.world))
         gang_gpus: Optional[list[str]] = None
         if self.use_gpu:
@@ -241,13 +257,14 @@ class GenerationGang:
 
     def describe(self) -> dict[str, Any]:
         kind = "cuda" if self.use_gpu else "cpu"
-        if self.plan.strategy == "deepspeed_tp":
-            return {"devices": [f"{kind}:rank{i}" for i in range(self.world)], "tp": self.world,
-                    "ranks": self.placement}
-        return {"devices": [f"{kind}:stage{i}" for i in range(self.world)], "pp": self.world, "ranks": self.placement,
-                "balance": list(self.plan.balance or ()),
+        tp, pp = self.plan.tp, self.plan.pp
+        if pp == 1:
+            return {"devices": [f"{kind}:rank{i}" for i in range(self.world)], "tp": tp, "ranks": self.placement}
+        names = [f"{kind}:stage{i}" for i in range(pp)] if tp == 1 else [
+            f"{kind}:stage{s}.rank{t}" for s in range(pp) for t in range(tp)]
+        return {"devices": names, "pp": pp, "tp": tp, "ranks": self.placement, "balance": list(self.plan.balance or ()),
                 "runner": "stage processes in lockstep (transformers continuous batching; Fairscale Pipe "
-                          "cannot carry the paged KV cache)"}
+                          "cannot carry the paged KV cache)" + (", each stage a DeepSpeed AutoTP group" if tp > 1 else "")}
 
     def shutdown(self) -> None:
         """Stop rank 0's loop first (its stop reaches the other ranks at their next collective), then the actors."""

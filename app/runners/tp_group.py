@@ -8,7 +8,7 @@ import contextlib
 import glob
 import os
 import socket
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -47,13 +47,41 @@ def join_process_group(rank: int, world: int, master_addr: str, master_port: int
     return device
 
 
-def shard_with_autotp(model: nn.Module, world: int, dtype: torch.dtype) -> nn.Module:
-    """DeepSpeed AutoTP over the joined group: every rank calls this with the same seeded model."""
+def shard_with_autotp(model: nn.Module, world: int, dtype: torch.dtype, group: Any = None) -> nn.Module:
+    """DeepSpeed AutoTP over the joined group, or over `group` (a stage's ranks of a tp x pp gang):
+    every rank of it calls this with the same seeded model."""
     import deepspeed  # imported here: only tensor-parallel processes need DeepSpeed
 
-    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,
-                                      replace_with_kernel_inject=False)
+    if group is not None and torch.distributed.get_world_size() != world:
+        # DeepSpeed's CPU shared-memory all-reduce spans the whole world and ignores the group
+        # (deepspeed/comm/torch.py inference_all_reduce); marked incompatible, DeepSpeed falls
+        # back to torch.distributed.all_reduce over the stage's group (and makes no /dev/shm files).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Without an `mpu` DeepSpeed's inference engine makes its own group of ranks 0..tp-1 (wrong for
+    # every stage past the first) and overwrites tp_group with it; AutoTP's layers read tp_group.
+    tp: dict[str, Any] = {"tp_size": world}
+    if group is not None:
+        tp.update(mpu=_StageGroup(group), tp_group=group)
+        # What DeepSpeed does itself only on its own-group path: wrap the joined torch group.
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    engine = deepspeed.init_inference(model, tensor_parallel=tp, dtype=dtype, replace_with_kernel_inject=False)
     return engine.module
+
+
+class _StageGroup:
+    """The model-parallel unit DeepSpeed asks of an `mpu`: one stage's tensor-parallel group."""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def get_model_parallel_group(self) -> Any:
+        return self.group
+
+    def get_model_parallel_rank(self) -> int:
+        return torch.distributed.get_rank(group=self.group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return torch.distributed.get_world_size(group=self.group)
 
 
 def shm_buffer_prefix(master_addr: str, master_port: int) -> str:
