@@ -165,6 +165,20 @@ async def decode_streams(engine: GenerationEngine, streams: int, prompt: int, ne
     return times[len(times) // 2]
 
 
+def _model_alone(model, ns, report: dict) -> None:
+    fwd = decode_forward_ms(model, ns.streams, ns.prompt_tokens, ns.device)
+    report["decode_forward"] = fwd
+    print(f"one decode forward, {ns.streams} streams: wall {fwd['wall_ms']:.2f} ms, enqueue {fwd['enqueue_ms']:.2f} ms, "
+          f"device {fwd['device_ms']:.2f} ms", flush=True)
+    gen = profile_generate(model, ns.streams, ns.prompt_tokens, ns.new_tokens, ns.device, ns.top)
+    report["generate_profile"] = gen
+    print(f"\nmodel.generate {ns.streams}x{ns.new_tokens}: wall {gen['wall_s']:.2f} s, device busy "
+          f"{gen['device_busy_s']:.2f} s ({gen['device_busy_s'] / gen['wall_s']:.0%})")
+    print(f"{'operator':<48}{'calls':>8}{'self host ms':>14}")
+    for row in gen["top_host_ops"]:
+        print(f"{row['op'][:47]:<48}{row['count']:>8}{row['self_host_ms']:>14.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="bench/generate_cpu.yaml")
@@ -178,9 +192,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--manager", default="", help="extra ContinuousBatchingConfig fields, k=v,k=v (bools as 0/1)")
+    ap.add_argument("--sdp", default="", help="SDPA backends to turn off, e.g. cudnn,math (torch.backends.cuda.enable_*_sdp)")
+    ap.add_argument("--engine-only", action="store_true", help="skip the forward timing and the generate profile")
     ap.add_argument("--out", default=None)
     ns = ap.parse_args()
     torch.set_num_threads(ns.threads)
+    for name in filter(None, ns.sdp.split(",")):
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
     raw = yaml.safe_load(Path(ns.config).read_text())["applications"][0]["args"]["models"][0]
     if ns.tokenizer:
         raw["source"]["tokenizer_path"] = str(Path(ns.tokenizer).resolve())
@@ -195,18 +213,8 @@ def main() -> int:
     report["python_loop_s"] = python_loop_s()
     print(f"params on {report['param_device']}; 5M-iteration Python loop {report['python_loop_s']:.3f} s", flush=True)
 
-    fwd = decode_forward_ms(model, ns.streams, ns.prompt_tokens, ns.device)
-    report["decode_forward"] = fwd
-    print(f"one decode forward, {ns.streams} streams: wall {fwd['wall_ms']:.2f} ms, enqueue {fwd['enqueue_ms']:.2f} ms, "
-          f"device {fwd['device_ms']:.2f} ms", flush=True)
-
-    gen = profile_generate(model, ns.streams, ns.prompt_tokens, ns.new_tokens, ns.device, ns.top)
-    report["generate_profile"] = gen
-    print(f"\nmodel.generate {ns.streams}x{ns.new_tokens}: wall {gen['wall_s']:.2f} s, device busy "
-          f"{gen['device_busy_s']:.2f} s ({gen['device_busy_s'] / gen['wall_s']:.0%})")
-    print(f"{'operator':<48}{'calls':>8}{'self host ms':>14}")
-    for row in gen["top_host_ops"]:
-        print(f"{row['op'][:47]:<48}{row['count']:>8}{row['self_host_ms']:>14.1f}")
+    if not ns.engine_only:
+        _model_alone(model, ns, report)
 
     g = spec.generation
     manager = {}

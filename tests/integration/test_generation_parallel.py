@@ -1,5 +1,6 @@
-"""Generation on gangs over the real HTTP path: a DeepSpeed tensor-parallel gang (tp=2) and a
-pipeline of two layer stages (pp=2), gloo on CPU. Greedy tokens equal transformers' `generate` of
+"""Generation on gangs over the real HTTP path: a DeepSpeed tensor-parallel gang (tp=2), a
+pipeline of two layer stages (pp=2), and two stages of tp=2 groups on logical GPUs, one stage per
+worker node of the test cluster (tp_pp), gloo on CPU. Greedy tokens equal transformers' `generate` of
 the unsplit model while requests join the running batch, a seed samples the same text on a gang as
 on one device, and a killed rank ends every stream at once (503 / an error event), the gang is
 replaced and serves again."""
@@ -25,7 +26,7 @@ from tests.integration.test_generation import assert_answers_equal_generate
 
 pytestmark = pytest.mark.integration
 
-TP, PP, ONE = "llama-gen-tp", "llama-gen-pp", "llama-gen"
+TP, PP, TPP, ONE = "llama-gen-tp", "llama-gen-pp", "llama-gen-tpp", "llama-gen"
 
 
 def _model(name: str, parallel: dict) -> dict:
@@ -46,13 +47,18 @@ TP_MODEL = _model(TP, {"strategy": "deepspeed_tp", "tp": 2, "rank_num_cpus": 0.5
                        "devices": {"kind": "cpu", "per_node": 2}})
 PP_MODEL = _model(PP, {"strategy": "fairscale_pp", "pp": 2, "rank_num_cpus": 0.5,
                        "devices": {"kind": "cpu", "per_node": 2}})
+# Each stage's bundle asks 2 logical GPUs: no node of the test cluster has 4, so the stages land
+# on the two workers (device auto: CPU compute where there is no CUDA). The workers' 2 CPUs each
+# already hold other replicas: ranks reserve a tenth of one.
+TPP_MODEL = {**_model(TPP, {"strategy": "tp_pp", "tp": 2, "pp": 2, "rank_num_cpus": 0.1,
+                            "devices": {"kind": "gpu", "per_node": 2, "nodes": 2}}), "device": "auto"}
 ONE_MODEL = _model(ONE, {"strategy": "replicated"})
-GANGS = pytest.mark.parametrize("gang", [TP, PP])
+GANGS = pytest.mark.parametrize("gang", [TP, PP, TPP])
 
 
 @pytest.fixture(scope="module")
 def url(base_url):
-    with extra_app(base_url, app_entry("gentp", [TP_MODEL, PP_MODEL, ONE_MODEL])) as u:
+    with extra_app(base_url, app_entry("gentp", [TP_MODEL, PP_MODEL, TPP_MODEL, ONE_MODEL])) as u:
         yield u
 
 
@@ -63,9 +69,18 @@ def reference():
     return build_backbone(spec, len(text)), text
 
 
-def _rank_pid(url: str, gang: str) -> int:
-    """The process of rank 1 of `gang`'s live replica (listed in /v1/models)."""
-    return next(r["pid"] for r in _entry(url, gang)["ranks"] if r["rank"] == 1)
+def _last_rank_pid(url: str, gang: str) -> int:
+    """The process of the last rank of `gang`'s live replica (listed in /v1/models): a rank of the
+    last stage of a pipeline."""
+    return max(_entry(url, gang)["ranks"], key=lambda r: r["rank"])["pid"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _entry(url: str, name: str) -> dict:
@@ -80,6 +95,17 @@ def test_the_gangs_are_listed_with_their_ranks_and_kv_budget(url):
     assert [r["rank"] for r in pp["ranks"]] == [0, 1] and len({r["pid"] for r in pp["ranks"] + tp["ranks"]}) == 4
     for e in (tp, pp):
         assert e["kv_cache_tokens"] == 8192 and e["max_running_sequences"] == 16
+
+
+def test_tp_pp_gang_is_listed_by_stage_and_node(url):
+    """tp=2 x pp=2: ranks 0-1 are stage 0, ranks 2-3 stage 1; a stage shares a node (its
+    all-reduces) and stage 1 sits on another node than stage 0 (from the ranks' node ids)."""
+    e = _entry(url, TPP)
+    assert e["strategy"] == "tp_pp" and (e["tp"], e["pp"]) == (2, 2)
+    assert e["devices"] == ["cpu:stage0.rank0", "cpu:stage0.rank1", "cpu:stage1.rank0", "cpu:stage1.rank1"]
+    nodes = {r["rank"]: r["node_id"] for r in e["ranks"]}
+    assert sorted(nodes) == [0, 1, 2, 3] and len({r["pid"] for r in e["ranks"]}) == 4
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], nodes
 
 
 @GANGS
@@ -121,7 +147,8 @@ def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url, g
     kill ends (done, an error event, or 503) within 10 s, none hangs, and a new gang serves."""
     before = _entry(url, gang)["replica"]
     shm_before = len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-    victim = _rank_pid(url, gang)
+    gang_pids = [r["pid"] for r in _entry(url, gang)["ranks"]]
+    victim = _last_rank_pid(url, gang)
     streams: list[tuple[float, float, str]] = []  # (start, end, how it ended)
     killed_at: list[float] = []
 
@@ -172,3 +199,4 @@ def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url, g
     r = httpx.post(f"{url}/v1/completions", json={"model": gang, "prompt": "after", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200, r.text
     wait_for_condition(lambda: len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before, timeout=30)
+    wait_for_condition(lambda: not any(_alive(pid) for pid in gang_pids), timeout=60)  # no stray rank process

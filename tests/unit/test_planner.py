@@ -125,9 +125,9 @@ def test_a_generator_plan_counts_its_kv_cache():
     assert plan_model(_generator(512, max_tokens=1024)).kv_cache_tokens == 1024
 
 
-def _generator_on(mib, per_node, **parallel):
+def _generator_on(mib, per_node, nodes=1, **parallel):
     raw = _generator(mib).model_dump()
-    raw["parallel"] = {**raw["parallel"], "devices": _budget(mib, per_node=per_node), **parallel}
+    raw["parallel"] = {**raw["parallel"], "devices": _budget(mib, per_node=per_node, nodes=nodes), **parallel}
     return ModelSpec.model_validate(raw)
 
 
@@ -175,3 +175,26 @@ def test_generator_stages_each_hold_a_layer_even_beside_a_heavy_embedding():
     assert sum(b) == 6 and all(b > a for a, b in layer_ranges(b, 4))
     with pytest.raises(PlanError, match="only 4 decoder layers"):
         generator_balance(units, 5)
+
+
+def test_a_generator_past_one_node_with_splittable_heads_gets_tp_stages_across_nodes():
+    # ~14 MiB of parameters; 2 devices of 5 MiB per node, 4 nodes: no node holds it with tp=2,
+    # so each stage is a tp=2 group filling a node and the stages go across nodes.
+    raw = _generator(5).model_dump()
+    raw["parallel"] = {**raw["parallel"], "devices": _budget(5, per_node=2, nodes=4)}
+    p = plan_model(ModelSpec.model_validate(raw))
+    assert (p.strategy, p.tp) == ("tp_pp", 2) and p.pp >= 2 and p.devices == p.tp * p.pp
+    assert p.kv_cache_tokens >= 256 and "per rank of tp=2" in p.explain() and "across nodes" in p.explain()
+    # Each rank holds 1/tp of its stage: the fullest stage's bytes per rank fit a 5 MiB device.
+    assert p.per_device_param_bytes <= 5 * MiB < p.param_bytes // p.pp
+
+
+def test_tp_pp_forced_and_its_bad_settings():
+    p = plan_model(_generator_on(512, per_node=2, nodes=2, strategy="tp_pp", tp=2, pp=2))
+    assert (p.strategy, p.tp, p.pp, p.devices) == ("tp_pp", 2, 2, 4)
+    with pytest.raises(PlanError, match="serves generators"):
+        plan_model(_llama(strategy="tp_pp", tp=2, pp=2, devices=_budget(512, per_node=2, nodes=2)))
+    with pytest.raises(ValueError, match="tp x pp = 8 exceeds the 4 devices"):
+        _generator_on(512, per_node=2, nodes=2, strategy="tp_pp", tp=2, pp=4)
+    with pytest.raises(ValueError, match="tp: 2 set but strategy is 'fairscale_pp'"):
+        _generator_on(512, per_node=2, nodes=2, strategy="fairscale_pp", tp=2, pp=2)
