@@ -28,6 +28,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
+import torch
+
 from app.engine.sampling import sampling_kwargs, seeded_sampling_processors
 from app.errors import InvalidInput, ModelFailure, Overloaded, PayloadTooLarge, ReplicaUnavailable
 from app.kv_cache import KVBudget
@@ -113,6 +115,12 @@ class GenerationEngine:
             # Further ContinuousBatchingConfig fields (use_cuda_graph, ...): for benchmarks.
             **(manager_options or {}),
         )
+        if next(model.parameters()).device.type == "cuda":
+            # SDPA's cuDNN backend held the manager's thread 67-73 % of every step on one H200 (a
+            # 1.1 B model: 62.6 ms a token with it, 13.7 ms without at 8 streams, 59.8 -> 37.4 ms at
+            # 64; bench.profile_generate --sdp cudnn, docs/performance.md). A step's shapes change
+            # every step (packed tokens, cached keys); flash and memory-efficient SDPA serve them.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         # Always argmax in the manager; temperature, top-p and the seeded noise come first (sampling.py).
         self.manager.logit_processor = seeded_sampling_processors()
