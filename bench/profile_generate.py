@@ -24,8 +24,9 @@ import torch
 import yaml
 
 from app.config import ModelSpec
-from app.engine.generation import GenerationEngine, SamplingParams
+from app.engine.generation import GenerationEngine
 from app.kv_cache import KVBudget, kv_bytes_per_token
+from bench.generate_engine import tpot_ms
 
 
 def python_loop_s() -> float:
@@ -150,21 +151,6 @@ def manager_thread(engine: GenerationEngine) -> threading.Thread:
     return next(t for t in threading.enumerate() if t.ident not in known and t.is_alive())
 
 
-async def decode_streams(engine: GenerationEngine, streams: int, prompt: int, new: int) -> float:
-    async def one(i: int) -> tuple[float, int]:
-        first = last = None
-        got = 0
-        async for ev in engine.stream([1000 + (i * 7 + j) % 20000 for j in range(prompt)],
-                                      SamplingParams(max_new_tokens=new)):
-            last = time.perf_counter()
-            first = first or last
-            got += len(ev.tokens)
-        return (last - first) * 1000.0 / max(1, got - 1), got
-
-    times = sorted(t for t, _ in await asyncio.gather(*(one(i) for i in range(streams))))
-    return times[len(times) // 2]
-
-
 def _model_alone(model, ns, report: dict) -> None:
     fwd = decode_forward_ms(model, ns.streams, ns.prompt_tokens, ns.device)
     report["decode_forward"] = fwd
@@ -225,10 +211,10 @@ def main() -> int:
     engine = GenerationEngine(model, [-1], KVBudget(ns.kv_tokens, per_token, 0, 1.0, "bench"),
                               max_running=max(ns.streams, 1), max_sequences=10_000, max_step_tokens=g.max_step_tokens,
                               page_size=g.page_size, max_context_tokens=spec.max_seq_len, manager_options=manager)
-    asyncio.run(decode_streams(engine, 4, 32, 16))  # warm-up: graph capture, kernels
+    asyncio.run(tpot_ms(engine, 4, 32, 16))  # warm-up: graph capture, kernels
     with StackSampler(manager_thread(engine)) as sampler:
         t0 = time.perf_counter()
-        tpot = asyncio.run(decode_streams(engine, ns.streams, ns.prompt_tokens, ns.new_tokens))
+        tpot = asyncio.run(tpot_ms(engine, ns.streams, ns.prompt_tokens, ns.new_tokens))
         wall = time.perf_counter() - t0
     engine.shutdown()
     n = max(1, sampler.samples)
