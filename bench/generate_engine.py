@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -59,12 +60,30 @@ def generate_tpot_ms(model, streams: int, prompt: int, new: int, device: str) ->
     return ((t2 - t1) - (t1 - t0)) * 1000.0 / (new - 1)  # the prefill taken out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The bench model's arguments: its config file, device, dtype and tokenizer directory."""
     ap.add_argument("--config", default="bench/generate_cpu.yaml")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--tokenizer", default=None)
+
+
+def load_model(ns: argparse.Namespace) -> tuple[ModelSpec, Any]:
+    """The first model of --config, its tokenizer from --tokenizer if given, on --device in --dtype."""
+    from app.models.chat import GenerationText
+    from app.models.loader import build_backbone
+
+    raw = yaml.safe_load(Path(ns.config).read_text())["applications"][0]["args"]["models"][0]
+    if ns.tokenizer:
+        raw["source"]["tokenizer_path"] = str(Path(ns.tokenizer).resolve())
+    spec = ModelSpec.model_validate(raw)
+    text = GenerationText(spec)
+    return spec, build_backbone(spec, len(text), device=ns.device, dtype=getattr(torch, ns.dtype))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
     ap.add_argument("--variants", nargs="+", default=["kv=32768"])
     ap.add_argument("--streams", default="1,8,64")
     ap.add_argument("--prompt-tokens", type=int, default=256)
@@ -73,15 +92,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ns = ap.parse_args()
     torch.set_num_threads(ns.threads)
-    raw = yaml.safe_load(Path(ns.config).read_text())["applications"][0]["args"]["models"][0]
-    if ns.tokenizer:
-        raw["source"]["tokenizer_path"] = str(Path(ns.tokenizer).resolve())
-    spec = ModelSpec.model_validate(raw)
-    from app.models.chat import GenerationText
-    from app.models.loader import build_backbone
-
-    text = GenerationText(spec)
-    model = build_backbone(spec, len(text), device=ns.device, dtype=getattr(torch, ns.dtype))
+    spec, model = load_model(ns)
     per_token = kv_bytes_per_token(model.config, getattr(torch, ns.dtype).itemsize)
     streams = [int(s) for s in ns.streams.split(",")]
     rows = []

@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from app.config import ModelSpec
 from app.engine.generation import GenerationEngine
 from app.kv_cache import KVBudget, kv_bytes_per_token
-from bench.generate_engine import tpot_ms
+from bench.generate_engine import add_model_args, load_model, tpot_ms
 
 
 def python_loop_s() -> float:
@@ -167,10 +165,7 @@ def _model_alone(model, ns, report: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="bench/generate_cpu.yaml")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--tokenizer", default=None)
+    add_model_args(ap)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -185,16 +180,8 @@ def main() -> int:
     torch.set_num_threads(ns.threads)
     for name in filter(None, ns.sdp.split(",")):
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
-    raw = yaml.safe_load(Path(ns.config).read_text())["applications"][0]["args"]["models"][0]
-    if ns.tokenizer:
-        raw["source"]["tokenizer_path"] = str(Path(ns.tokenizer).resolve())
-    spec = ModelSpec.model_validate(raw)
-    from app.models.chat import GenerationText
-    from app.models.loader import build_backbone
-
-    text = GenerationText(spec)
+    spec, model = load_model(ns)
     dtype = getattr(torch, ns.dtype)
-    model = build_backbone(spec, len(text), device=ns.device, dtype=dtype)
     report: dict = {"args": vars(ns), "torch": torch.__version__, "param_device": str(next(model.parameters()).device)}
     report["python_loop_s"] = python_loop_s()
     print(f"params on {report['param_device']}; 5M-iteration Python loop {report['python_loop_s']:.3f} s", flush=True)
