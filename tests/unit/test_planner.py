@@ -1,5 +1,7 @@
 """The planner picks each strategy for suitably sized specs, refuses what fits nowhere, obeys force."""
 
+from pathlib import Path
+
 import pytest
 
 from app.config import ModelSpec
@@ -198,3 +200,27 @@ def test_tp_pp_forced_and_its_bad_settings():
         _generator_on(512, per_node=2, nodes=2, strategy="tp_pp", tp=2, pp=4)
     with pytest.raises(ValueError, match="tp: 2 set but strategy is 'fairscale_pp'"):
         _generator_on(512, per_node=2, nodes=2, strategy="fairscale_pp", tp=2, pp=2)
+
+
+@pytest.mark.parametrize("budget, expected", [
+    ((1, 80, 1), {"llama-8b": ("replicated", 1, 1), "llama-70b": None, "llama-405b": None}),
+    ((8, 80, 1), {"llama-8b": ("replicated", 1, 1), "llama-70b": ("deepspeed_tp", 2, 1), "llama-405b": None}),
+    ((4, 24, 4), {"llama-8b": ("replicated", 1, 1), "llama-70b": ("tp_pp", 4, 2), "llama-405b": None}),
+    ((8, 80, 2), {"llama-8b": ("replicated", 1, 1), "llama-70b": ("deepspeed_tp", 2, 1), "llama-405b": ("tp_pp", 8, 2)}),
+])
+def test_the_readme_table_of_llama_shapes(budget, expected):
+    """README "Size-aware parallelism": what cluster/llama_shapes.yaml plans on each cluster."""
+    import yaml
+
+    per_node, gib, nodes = budget
+    shapes = Path(__file__).resolve().parents[2] / "cluster" / "llama_shapes.yaml"
+    models = yaml.safe_load(shapes.read_text())["applications"][0]["args"]["models"]
+    for raw in models:
+        raw["parallel"]["devices"] = {"kind": "gpu", "per_node": per_node, "memory_gib": gib, "nodes": nodes}
+        want = expected[raw["name"]]
+        if want is None:
+            with pytest.raises(PlanError):
+                plan_model(ModelSpec.model_validate(raw))
+            continue
+        p = plan_model(ModelSpec.model_validate(raw))
+        assert (p.strategy, p.tp, p.pp) == want, raw["name"]
