@@ -164,6 +164,8 @@ def gang_parallel(peer: str, ns) -> dict:
 
 def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | None = None) -> subprocess.Popen:
     g = dict(raw.get("generation") or {})
+    if ns.max_running is not None:  # a lever of the benchmark: the engine's running set
+        g["max_running_sequences"] = ns.max_running
     spec = {"name": MODEL, "source": {"kind": "local_dir", "path": str(model_dir)}, "task": "generate",
             "max_seq_len": raw["max_seq_len"], "dtype": ns.dtype, "device": ns.device, "generation": g,
             "deployment": {"num_cpus": 1, "num_gpus": 1 if ns.device == "cuda" else 0,
@@ -250,6 +252,8 @@ def main() -> int:
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory for a random_init model (its tokenizer_path)")
     ap.add_argument("--model-dir", default=None, help="where the model is saved (default: a temporary directory)")
     ap.add_argument("--ready-timeout-s", type=float, default=400)
+    ap.add_argument("--max-running", type=int, default=None,
+                    help="ours: generation.max_running_sequences instead of the config's")
     ap.add_argument("--out", default=None)
     ns = ap.parse_args()
     raw = yaml.safe_load(Path(ns.config).read_text())["applications"][0]["args"]["models"][0]
