@@ -96,16 +96,16 @@ def replica_hourly_cost_usd(spec: ModelSpec, plan: ParallelPlan, cost: CostConfi
     """Price of the devices one replica holds, per hour (GPUs and CPUs priced separately)."""
     d = spec.deployment
     gpu_kind = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
-    if plan.strategy == "deepspeed_tp":
-        gpus = plan.tp if gpu_kind else 0
-        # A generator replica is rank 0 of its gang; an encoder replica drives tp ranks beside it.
-        cpus = (0 if spec.task == "generate" else d.num_cpus) + plan.tp * spec.parallel.rank_num_cpus
-    elif plan.strategy == "fairscale_pp" and spec.task != "generate":
-        gpus = plan.pp if gpu_kind else 0
-        cpus = d.num_cpus
-    elif plan.strategy in ("fairscale_pp", "tp_pp"):  # a generator gang of tp x pp ranks, rank 0 the replica
+    if spec.task == "generate" and plan.strategy != "replicated":
+        # A generator gang of plan.devices ranks (tp, pp or tp x pp), the replica its rank 0.
         gpus = plan.devices if gpu_kind else 0
         cpus = plan.devices * spec.parallel.rank_num_cpus
+    elif plan.strategy == "deepspeed_tp":
+        gpus = plan.tp if gpu_kind else 0
+        cpus = d.num_cpus + plan.tp * spec.parallel.rank_num_cpus  # the replica drives tp ranks beside it
+    elif plan.strategy == "fairscale_pp":
+        gpus = plan.pp if gpu_kind else 0
+        cpus = d.num_cpus
     else:
         gpus, cpus = d.num_gpus, d.num_cpus
     return gpus * cost.gpu_hour_usd + cpus * cost.cpu_hour_usd

@@ -100,9 +100,6 @@ def _plan(spec: ModelSpec, index: int) -> tuple[ParallelPlan, int]:
         plan = plan_model(spec, vocab)
     except PlanError as e:
         raise PlanError(f"models[{index}] ({spec.name}): {e}") from None
-    if plan.strategy == "tp_pp" and spec.task != "generate":
-        raise PlanError(f"models[{index}].parallel: tp_pp (pipeline stages of tensor-parallel groups) serves "
-                        f"generators; for {spec.task} use deepspeed_tp or fairscale_pp")
     if plan.strategy == "fairscale_pp" and plan.pp > spec.parallel.devices.per_node and spec.task != "generate":
         raise PlanError(
             f"models[{index}].parallel: {spec.name} needs a {plan.pp}-stage pipeline across nodes; "

@@ -55,7 +55,7 @@ class GeneratorServer:
                            bulk_max_running=spec.traffic.bulk.batch_items,
                            bulk_max_sequences=spec.bulk_max_ongoing_requests())
         self.gang = None
-        if plan.strategy in ("deepspeed_tp", "fairscale_pp", "tp_pp"):
+        if plan.strategy != "replicated":  # a gang: the builder gave this replica its placement group
             from app.runners.gang_generation import GenerationGang
 
             self.gang = GenerationGang(spec, plan, len(self.text))
