@@ -6,7 +6,11 @@ Tells the served path's cost apart from the engine's, and which manager settings
         --tokenizer DIR --variants kv=262144 kv=16384 kv=262144,graph=1 --out DIR
 
 A variant is comma-separated: kv=TOKENS (cache size), graph=0|1 (CUDA graphs; unset: the
-manager decides), running=N (max_running_sequences). Each stream: a --prompt-tokens prompt, then
+manager decides), async=0|1 (the manager's double-buffered batch preparation), compile=LEVEL
+(the manager's default_compile_level), qpad=/kvpad=TOKENS (graph padding intervals), sync=0|1
+(sampling with host checks, 1 the GPU default: none), temp=T (seeded sampling at temperature T;
+default greedy), running=N (max_running_sequences). Each variant's tokens are compared with the
+first variant's of the same temperature: `same` is the fraction of streams whose tokens match. Each stream: a --prompt-tokens prompt, then
 --new-tokens tokens; TPOT = (last token - first token) / (tokens - 1), median over the streams.
 """
 
@@ -17,7 +21,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -27,16 +31,21 @@ from app.engine.generation import GenerationEngine, SamplingParams
 from app.kv_cache import KVBudget, kv_bytes_per_token
 
 
-async def tpot_ms(engine: GenerationEngine, streams: int, prompt: int, new: int) -> float:
+async def tpot_ms(engine: GenerationEngine, streams: int, prompt: int, new: int, temperature: float = 0.0,
+                  tokens: Optional[dict[int, list[int]]] = None) -> float:
+    """Median TPOT of `streams` concurrent streams; stream i samples with seed i when temperature > 0,
+    and its tokens land in `tokens[i]` when given."""
     async def one(i: int) -> float:
         first = last = None
-        got = 0
+        got: list[int] = []
         async for ev in engine.stream([1000 + (i * 7 + j) % 20000 for j in range(prompt)],
-                                      SamplingParams(max_new_tokens=new)):
+                                      SamplingParams(max_new_tokens=new, temperature=temperature, seed=i)):
             last = time.perf_counter()
             first = first or last
-            got += len(ev.tokens)
-        return (last - first) * 1000.0 / max(1, got - 1)
+            got += ev.tokens
+        if tokens is not None:
+            tokens[i] = got
+        return (last - first) * 1000.0 / max(1, len(got) - 1)
 
     times = sorted(await asyncio.gather(*(one(i) for i in range(streams))))
     return times[len(times) // 2]
@@ -89,6 +98,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per stream count; the last is kept")
     ap.add_argument("--out", default=None)
     ns = ap.parse_args()
     torch.set_num_threads(ns.threads)
@@ -101,29 +111,49 @@ def main() -> int:
     rows.append({"variant": "model.generate", "tpot_ms": gen})
     print(f"{'model.generate':<28}" + "".join(f"{gen[n]:>12.2f}" for n in streams), flush=True)
     g = spec.generation
+    references: dict[float, dict[int, list[int]]] = {}  # temperature -> the first variant's tokens
     for v in ns.variants:
         opts = dict(kv.split("=") for kv in v.split(","))
         tokens = int(opts.get("kv", g.kv_cache_max_tokens))
         manager = {}
         if "graph" in opts:
             manager["use_cuda_graph"] = opts["graph"] == "1"
+        if "async" in opts:
+            manager["use_async_batching"] = opts["async"] == "1"
+        for key, field in (("compile", "default_compile_level"), ("qpad", "q_padding_interval_size"),
+                           ("kvpad", "kv_padding_interval_size")):
+            if key in opts:
+                manager[field] = int(opts[key])
+        sync_free = None if "sync" not in opts else opts["sync"] == "0"
         t0 = time.perf_counter()
         engine = GenerationEngine(model, [-1], KVBudget(tokens, per_token, 0, 1.0, "bench"),
                                   max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
                                   max_step_tokens=g.max_step_tokens, page_size=g.page_size,
-                                  max_context_tokens=spec.max_seq_len, manager_options=manager)
+                                  max_context_tokens=spec.max_seq_len, manager_options=manager,
+                                  sync_free_sampling=sync_free)
         asyncio.run(tpot_ms(engine, 4, 32, 16))  # warm-up (graph capture, kernels)
-        got = {n: asyncio.run(tpot_ms(engine, n, ns.prompt_tokens, ns.new_tokens)) for n in streams}
+        # Each stream count twice, the second kept: the first pays for the graphs its shapes need.
+        temp = float(opts.get("temp", 0.0))
+        tokens: dict[int, list[int]] = {}
+        got = {n: [asyncio.run(tpot_ms(engine, n, ns.prompt_tokens, ns.new_tokens, temp, tokens))
+                   for _ in range(ns.repeat)][-1] for n in streams}
         engine.shutdown()
-        rows.append({"variant": v, "tpot_ms": got, "setup_s": time.perf_counter() - t0})
-        print(f"{v:<28}" + "".join(f"{got[n]:>12.2f}" for n in streams), flush=True)
+        reference = references.setdefault(temp, tokens)
+        same = sum(tokens[i] == reference.get(i) for i in tokens) / max(1, len(tokens))
+        rows.append({"variant": v, "tpot_ms": got, "setup_s": time.perf_counter() - t0, "same_tokens": same})
+        print(f"{v:<28}" + "".join(f"{got[n]:>12.2f}" for n in streams) + f"   same {same:.2f}", flush=True)
+        write(ns, rows)  # after each variant: a call that runs out of time keeps what it measured
         del engine
         if ns.device == "cuda":
             torch.cuda.empty_cache()
+    write(ns, rows)
+    return 0
+
+
+def write(ns: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     if ns.out:
         Path(ns.out).mkdir(parents=True, exist_ok=True)
         (Path(ns.out) / "engine.json").write_text(json.dumps({"args": vars(ns), "rows": rows}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

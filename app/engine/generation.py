@@ -80,7 +80,7 @@ class GenerationEngine:
     def __init__(self, model: Any, eos_token_ids: list[int], budget: KVBudget, *, max_running: int,
                  max_sequences: int, max_step_tokens: int, page_size: int = 32, max_context_tokens: int,
                  bulk_max_running: Optional[int] = None, bulk_max_sequences: Optional[int] = None,
-                 manager_options: Optional[dict[str, Any]] = None):
+                 manager_options: Optional[dict[str, Any]] = None, sync_free_sampling: Optional[bool] = None):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -115,7 +115,8 @@ class GenerationEngine:
             # Further ContinuousBatchingConfig fields (use_cuda_graph, ...): for benchmarks.
             **(manager_options or {}),
         )
-        if next(model.parameters()).device.type == "cuda":
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        if on_gpu:
             # SDPA's cuDNN backend held the manager's thread 67-73 % of every step on one H200 (a
             # 1.1 B model: 62.6 ms a token with it, 13.7 ms without at 8 streams, 59.8 -> 37.4 ms at
             # 64; bench.profile_generate --sdp cudnn, docs/performance.md). A step's shapes change
@@ -123,7 +124,7 @@ class GenerationEngine:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         # Always argmax in the manager; temperature, top-p and the seeded noise come first (sampling.py).
-        self.manager.logit_processor = seeded_sampling_processors()
+        self.manager.logit_processor = seeded_sampling_processors(on_gpu if sync_free_sampling is None else sync_free_sampling)
         self.manager.start()
 
     # ------------------------------------------------------------------ requests

@@ -12,6 +12,11 @@ tensor-parallel gang, every strategy). A request without temperature (T = 0) get
 
 The three processors plug into the manager's own per-request processor API
 (`ContinuousBatchingLogitsProcessor`: one int32 argument row per processor, filled per step).
+They run inside the manager's forward step. On a CPU they skip their pass when no row needs it (a
+pass over [rows, vocab] is ~10 % of a CPU step); that check reads a device value on the host, which
+on a GPU stalls the host until the step's kernels finish and cannot be captured in a CUDA graph or
+traced whole by torch.compile. So on a GPU (`sync_free=True`) every pass always runs, masked per
+row: the same bits (rows that need no pass are selected unchanged), no host read.
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ class _FloatArg(ContinuousBatchingLogitsProcessor):
     key: str
     ignored_kwargs = ()
 
+    def __init__(self, sync_free: bool = False):
+        super().__init__()
+        self.sync_free = sync_free
+
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.copy_(torch.ones_like(int32_tensor, dtype=torch.float32).view(torch.int32))
 
@@ -88,9 +97,9 @@ class _Temperature(_FloatArg):
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         t = tensor_arg[: scores.size(0)].view(torch.float32)
-        if bool((t == 1.0).all()):  # greedy or T = 1: a pass over [rows, vocab] saved (~10 % of a CPU step)
+        if not self.sync_free and bool((t == 1.0).all()):  # greedy or T = 1: nothing to scale
             return scores
-        return scores / t.to(device=scores.device, dtype=scores.dtype).unsqueeze(-1)
+        return scores / t.to(device=scores.device, dtype=scores.dtype).unsqueeze(-1)  # x / 1.0 is x exactly
 
 
 class _TopP(_FloatArg):
@@ -99,12 +108,14 @@ class _TopP(_FloatArg):
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         p = tensor_arg[: scores.size(0)].view(torch.float32).to(scores.device)
-        if bool((p >= 1.0).all()):
+        if not self.sync_free and bool((p >= 1.0).all()):
             return scores
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
         # Drop a token once the tokens before it already hold p of the mass (the top one always stays).
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= p.unsqueeze(-1)
+        # Rows with p >= 1 keep every token (a cumulative sum can round past 1.0 before the tail).
+        drop_sorted &= (p < 1.0).unsqueeze(-1)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         return scores.masked_fill(drop, float("-inf"))
 
@@ -112,6 +123,10 @@ class _TopP(_FloatArg):
 class _SeededNoise(ContinuousBatchingLogitsProcessor):
     supported_kwargs = {"seed": int}
     ignored_kwargs = ()
+
+    def __init__(self, sync_free: bool = False):
+        super().__init__()
+        self.sync_free = sync_free
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(-1)
@@ -127,15 +142,17 @@ class _SeededNoise(ContinuousBatchingLogitsProcessor):
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         keys = tensor_arg[: scores.size(0)]
         sampled = keys >= 0
-        if not bool(sampled.any()):
+        if not self.sync_free and not bool(sampled.any()):
             return scores
         noise = gumbel_noise(keys, scores.size(-1), scores.device).to(scores.dtype)
         return torch.where(sampled.to(scores.device).unsqueeze(-1), scores + noise, scores)
 
 
-def seeded_sampling_processors() -> ContinuousBatchingLogitsProcessorList:
-    """The processor list to hand the manager (with `do_sample=False`): temperature, top-p, noise."""
-    processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([_Temperature(), _TopP(), _SeededNoise()]))
+def seeded_sampling_processors(sync_free: bool = False) -> ContinuousBatchingLogitsProcessorList:
+    """The processor list to hand the manager (with `do_sample=False`): temperature, top-p, noise.
+    `sync_free`: no host reads of device values (for a GPU; see the module's docstring)."""
+    processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList(
+        [_Temperature(sync_free), _TopP(sync_free), _SeededNoise(sync_free)]))
     processors.tensors_required = 3  # one argument row each (the list counts only processors it converts)
     return processors
 

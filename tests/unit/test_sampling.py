@@ -66,3 +66,33 @@ def test_a_seed_gives_the_same_tokens_on_every_run():
     again = [reference_sample(row, 0.9, 0.95, seed=1234, position=p) for p, row in enumerate(logits)]
     other = [reference_sample(row, 0.9, 0.95, seed=1235, position=p) for p, row in enumerate(logits)]
     assert first == again and first != other
+
+
+def test_sync_free_processors_give_the_same_bits_as_the_checking_ones():
+    """On a GPU the processors run every pass (no host read of device values, so a CUDA graph can
+    hold them); rows that need no pass must come out bit-identical to the CPU path, whatever their
+    batch mates need, and all-greedy batches too."""
+    from app.engine.sampling import _SeededNoise, _Temperature, _TopP, sampling_kwargs
+
+    class Req:
+        def __init__(self, t, p, seed, pos):
+            self.state = type("S", (), {"logit_processor_kwargs": sampling_kwargs(t, p, seed),
+                                        "generated_tokens": [0] * pos})()
+
+    torch.manual_seed(0)
+    batches = [[Req(0.0, 1.0, 1, 3), Req(0.0, 1.0, 2, 5)],  # all greedy: every pass skipped on the CPU
+               [Req(0.0, 1.0, 1, 3), Req(0.7, 0.9, 2, 5), Req(1.0, 1.0, 3, 0), Req(1.3, 0.5, 4, 9)]]
+    for reqs in batches:
+        logits = torch.randn(len(reqs), 97) * 4
+        # A row alone through the checking path: what the row is with no batch mates.
+        alone = []
+        for r in reqs:
+            s = logits[reqs.index(r)].unsqueeze(0)
+            for proc in (_Temperature(), _TopP(), _SeededNoise()):
+                s = proc(s, proc.prepare_tensor_args([r]))
+            alone.append(s[0])
+        scores = logits.clone()
+        for proc in (_Temperature(sync_free=True), _TopP(sync_free=True), _SeededNoise(sync_free=True)):
+            scores = proc(scores, proc.prepare_tensor_args(reqs))
+        for i in range(len(reqs)):
+            assert torch.equal(scores[i], alone[i]), i
