@@ -7,11 +7,12 @@ Tells the served path's cost apart from the engine's, and which manager settings
 
 A variant is comma-separated: kv=TOKENS (cache size), graph=0|1 (CUDA graphs; unset: the
 manager decides), async=0|1 (the manager's double-buffered batch preparation), compile=LEVEL
-(the manager's default_compile_level), qpad=/kvpad=TOKENS (graph padding intervals), sync=0|1
-(sampling with host checks, 1 the GPU default: none), temp=T (seeded sampling at temperature T;
-default greedy), running=N (max_running_sequences). Each variant's tokens are compared with the
-first variant's of the same temperature: `same` is the fraction of streams whose tokens match. Each stream: a --prompt-tokens prompt, then
---new-tokens tokens; TPOT = (last token - first token) / (tokens - 1), median over the streams.
+(the manager's default_compile_level), qpad=/kvpad=TOKENS (graph padding intervals), temp=T
+(seeded sampling at temperature T; default greedy), running=N (max_running_sequences). Each
+variant's tokens are compared with the first variant's of the same temperature: `same` is the
+fraction of streams whose tokens match. Each stream: a --prompt-tokens prompt, then --new-tokens
+tokens; TPOT = (last token - first token) / (tokens - 1), median over the streams. On CUDA the
+host's cost of one kernel launch is measured first (a decoding step launches hundreds).
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def generate_tpot_ms(model, streams: int, prompt: int, new: int, device: str) ->
     return ((t2 - t1) - (t1 - t0)) * 1000.0 / (new - 1)  # the prefill taken out
 
 
+def launch_us(n: int = 2000) -> float:
+    """Host microseconds per launch of a tiny kernel, queued back to back (the device idles)."""
+    x = torch.zeros(16, device="cuda")
+    for _ in range(100):
+        x.add_(1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / n
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The bench model's arguments: its config file, device, dtype and tokenizer directory."""
     ap.add_argument("--config", default="bench/generate_cpu.yaml")
@@ -105,7 +119,10 @@ def main() -> int:
     spec, model = load_model(ns)
     per_token = kv_bytes_per_token(model.config, getattr(torch, ns.dtype).itemsize)
     streams = [int(s) for s in ns.streams.split(",")]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if ns.device == "cuda":
+        rows.append({"variant": "kernel launch", "launch_us": launch_us()})
+        print(f"one kernel launch: {rows[-1]['launch_us']:.1f} us on the host", flush=True)
     print(f"{'variant':<28}" + "".join(f"{f'{n} streams':>12}" for n in streams) + "   (TPOT ms, median)", flush=True)
     gen = {n: generate_tpot_ms(model, n, ns.prompt_tokens, ns.new_tokens, ns.device) for n in streams}
     rows.append({"variant": "model.generate", "tpot_ms": gen})
@@ -124,13 +141,11 @@ def main() -> int:
                            ("kvpad", "kv_padding_interval_size")):
             if key in opts:
                 manager[field] = int(opts[key])
-        sync_free = None if "sync" not in opts else opts["sync"] == "0"
         t0 = time.perf_counter()
         engine = GenerationEngine(model, [-1], KVBudget(tokens, per_token, 0, 1.0, "bench"),
                                   max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
                                   max_step_tokens=g.max_step_tokens, page_size=g.page_size,
-                                  max_context_tokens=spec.max_seq_len, manager_options=manager,
-                                  sync_free_sampling=sync_free)
+                                  max_context_tokens=spec.max_seq_len, manager_options=manager)
         asyncio.run(tpot_ms(engine, 4, 32, 16))  # warm-up (graph capture, kernels)
         # Each stream count twice, the second kept: the first pays for the graphs its shapes need.
         temp = float(opts.get("temp", 0.0))

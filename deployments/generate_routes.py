@@ -111,10 +111,11 @@ class GenerationRoutes:
                 text, last = await self._collect(gen)
             except ServingError as e:
                 return json_response(openai_error(e), e.status_code)
-            return json_response(answer.whole(text, last.finish_reason, last.prompt_tokens, last.completion_tokens))
+            return json_response(answer.whole(text, last.finish_reason, last.prompt_tokens, last.completion_tokens),
+                                 headers=start.served_by_headers())
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return StreamingResponse(self._sse(gen, answer, include_usage), media_type="text/event-stream",
-                                 headers=_SSE_HEADERS)
+                                 headers={**_SSE_HEADERS, **start.served_by_headers()})
 
     async def _sse(self, gen, answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
         try:
@@ -151,16 +152,16 @@ class GenerationRoutes:
     async def v2_generate(self, name: str, request: Request) -> Response:
         spec = self._generator_spec(name)
         call = parse_v2_generate(await self._generation_body(request, spec), spec, request.headers.get(PRIORITY_HEADER))
-        gen, _ = await self._start(name, call)
+        gen, start = await self._start(name, call)
         text, last = await self._collect(gen)
         return json_response({"model_name": name, "model_version": "1", "text_output": text,
-                              "finish_reason": last.finish_reason})
+                              "finish_reason": last.finish_reason}, headers=start.served_by_headers())
 
     @api.post("/v2/models/{name}/generate_stream")
     async def v2_generate_stream(self, name: str, request: Request) -> Response:
         spec = self._generator_spec(name)
         call = parse_v2_generate(await self._generation_body(request, spec), spec, request.headers.get(PRIORITY_HEADER))
-        gen, _ = await self._start(name, call)
+        gen, start = await self._start(name, call)
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -178,4 +179,5 @@ class GenerationRoutes:
             finally:
                 gen.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, **start.served_by_headers()})

@@ -70,6 +70,7 @@ class GeneratorServer:
             self.engine = GenerationEngine(model, budget=budget, **engine_args)
         budget = self.engine.budget
         self.served_by = serve.get_replica_context().replica_id.unique_id
+        self.node = ray.get_runtime_context().get_node_id()
         gpus = self.gang.gang_gpus if self.gang is not None else [str(i) for i in ray.get_gpu_ids()]
         self.metrics = GenerationMetrics(spec, plan, cost, gpus, self.engine.stats)
         self.device = device
@@ -125,7 +126,7 @@ class GeneratorServer:
         try:
             async with asyncio.timeout(g.request_timeout_s):
                 first = await anext(stream)  # admission errors surface here, before anything is sent
-                yield GenEvent(prompt_tokens=len(ids))
+                yield GenEvent(prompt_tokens=len(ids), replica=self.served_by, node=self.node)
                 started = True
                 event = first
                 while True:

@@ -80,7 +80,7 @@ class GenerationEngine:
     def __init__(self, model: Any, eos_token_ids: list[int], budget: KVBudget, *, max_running: int,
                  max_sequences: int, max_step_tokens: int, page_size: int = 32, max_context_tokens: int,
                  bulk_max_running: Optional[int] = None, bulk_max_sequences: Optional[int] = None,
-                 manager_options: Optional[dict[str, Any]] = None, sync_free_sampling: Optional[bool] = None):
+                 manager_options: Optional[dict[str, Any]] = None):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -124,7 +124,10 @@ class GenerationEngine:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         # Always argmax in the manager; temperature, top-p and the seeded noise come first (sampling.py).
-        self.manager.logit_processor = seeded_sampling_processors(on_gpu if sync_free_sampling is None else sync_free_sampling)
+        # A step that is graphed, compiled or prepared ahead runs every sampling pass (sampling.py).
+        o = manager_options or {}
+        static = bool(o.get("use_cuda_graph") or o.get("default_compile_level") or o.get("use_async_batching"))
+        self.manager.logit_processor = seeded_sampling_processors(static_passes=static)
         self.manager.start()
 
     # ------------------------------------------------------------------ requests

@@ -12,11 +12,12 @@ tensor-parallel gang, every strategy). A request without temperature (T = 0) get
 
 The three processors plug into the manager's own per-request processor API
 (`ContinuousBatchingLogitsProcessor`: one int32 argument row per processor, filled per step).
-They run inside the manager's forward step. On a CPU they skip their pass when no row needs it (a
-pass over [rows, vocab] is ~10 % of a CPU step); that check reads a device value on the host, which
-on a GPU stalls the host until the step's kernels finish and cannot be captured in a CUDA graph or
-traced whole by torch.compile. So on a GPU (`sync_free=True`) every pass always runs, masked per
-row: the same bits (rows that need no pass are selected unchanged), no host read.
+They run inside the manager's forward step. A processor skips its pass when no row of the step
+needs it (a pass over [rows, vocab] is ~10 % of a CPU step, and on the H200 host each kernel launch
+costs ~0.1 ms): the step's rows are known on the host when their arguments are prepared, so the
+decision reads no device value (which would stall the host until the GPU catches up). A CUDA graph,
+torch.compile or the manager's asynchronous batch preparation cannot take a per-step decision; for
+them (`static_passes=True`) every pass runs, masked per row, with the same bits.
 """
 
 from __future__ import annotations
@@ -49,11 +50,20 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _hash32_int(x: int) -> int:
+    """hash32 on one Python int (a step key per request per step: no tensor ops on the host)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
 def step_key(seed: int, position: int) -> int:
     """A non-negative int32 key for the noise of one request's `position`-th generated token."""
-    t = torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32, position & _MASK32], dtype=torch.int64)
-    h = hash32(t[0] ^ hash32(t[1] ^ hash32(t[2] + 0x9E3779B9)))
-    return int(h) & 0x7FFFFFFF
+    h = _hash32_int((seed & _MASK32) ^ _hash32_int(((seed >> 32) & _MASK32) ^ _hash32_int((position & _MASK32) + 0x9E3779B9)))
+    return h & 0x7FFFFFFF
 
 
 def gumbel_noise(keys: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
@@ -71,10 +81,12 @@ class _FloatArg(ContinuousBatchingLogitsProcessor):
 
     key: str
     ignored_kwargs = ()
+    default = 1.0  # the value whose pass is a no-op
 
-    def __init__(self, sync_free: bool = False):
+    def __init__(self, static_passes: bool = False):
         super().__init__()
-        self.sync_free = sync_free
+        self.static_passes = static_passes
+        self.needed = True  # set per step by prepare_tensor_args: does any row need this pass?
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.copy_(torch.ones_like(int32_tensor, dtype=torch.float32).view(torch.int32))
@@ -84,6 +96,7 @@ class _FloatArg(ContinuousBatchingLogitsProcessor):
 
     def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
         values = [self.value(r.state.logit_processor_kwargs) for r in requests_with_new_token]
+        self.needed = self.static_passes or any(v != self.default for v in values)
         return torch.tensor(values, dtype=torch.float32).view(torch.int32)
 
 
@@ -96,9 +109,9 @@ class _Temperature(_FloatArg):
         return kwargs.get("temperature", 0.0) or 1.0
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        t = tensor_arg[: scores.size(0)].view(torch.float32)
-        if not self.sync_free and bool((t == 1.0).all()):  # greedy or T = 1: nothing to scale
+        if not self.needed:  # greedy or T = 1: nothing to scale
             return scores
+        t = tensor_arg[: scores.size(0)].view(torch.float32)
         return scores / t.to(device=scores.device, dtype=scores.dtype).unsqueeze(-1)  # x / 1.0 is x exactly
 
 
@@ -107,9 +120,9 @@ class _TopP(_FloatArg):
     supported_kwargs = {"top_p": float}
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        p = tensor_arg[: scores.size(0)].view(torch.float32).to(scores.device)
-        if not self.sync_free and bool((p >= 1.0).all()):
+        if not self.needed:  # every row keeps its whole distribution
             return scores
+        p = tensor_arg[: scores.size(0)].view(torch.float32).to(scores.device)
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
         # Drop a token once the tokens before it already hold p of the mass (the top one always stays).
@@ -124,9 +137,10 @@ class _SeededNoise(ContinuousBatchingLogitsProcessor):
     supported_kwargs = {"seed": int}
     ignored_kwargs = ()
 
-    def __init__(self, sync_free: bool = False):
+    def __init__(self, static_passes: bool = False):
         super().__init__()
-        self.sync_free = sync_free
+        self.static_passes = static_passes
+        self.needed = True
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(-1)
@@ -137,22 +151,23 @@ class _SeededNoise(ContinuousBatchingLogitsProcessor):
             kw = r.state.logit_processor_kwargs
             sampled = kw.get("temperature", 0.0) > 0.0
             keys.append(step_key(kw["seed"], len(r.state.generated_tokens)) if sampled else -1)
+        self.needed = self.static_passes or any(k >= 0 for k in keys)
         return torch.tensor(keys, dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        if not self.needed:  # every row greedy
+            return scores
         keys = tensor_arg[: scores.size(0)]
         sampled = keys >= 0
-        if not self.sync_free and not bool(sampled.any()):
-            return scores
         noise = gumbel_noise(keys, scores.size(-1), scores.device).to(scores.dtype)
         return torch.where(sampled.to(scores.device).unsqueeze(-1), scores + noise, scores)
 
 
-def seeded_sampling_processors(sync_free: bool = False) -> ContinuousBatchingLogitsProcessorList:
+def seeded_sampling_processors(static_passes: bool = False) -> ContinuousBatchingLogitsProcessorList:
     """The processor list to hand the manager (with `do_sample=False`): temperature, top-p, noise.
-    `sync_free`: no host reads of device values (for a GPU; see the module's docstring)."""
+    `static_passes`: every pass every step (for CUDA graphs, compile, asynchronous batching)."""
     processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList(
-        [_Temperature(sync_free), _TopP(sync_free), _SeededNoise(sync_free)]))
+        [_Temperature(static_passes), _TopP(static_passes), _SeededNoise(static_passes)]))
     processors.tensors_required = 3  # one argument row each (the list counts only processors it converts)
     return processors
 

@@ -129,6 +129,12 @@ class GenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[dict[str, str]] = None
+    # On the start event only: who generates (the ingress answers them as X-Replica / X-Node).
+    replica: str = ""
+    node: str = ""
+
+    def served_by_headers(self) -> dict[str, str]:
+        return {"X-Replica": self.replica, "X-Node": self.node} if self.replica else {}
 
 
 def _invalid(e: ValidationError) -> InvalidInput:

@@ -13,14 +13,12 @@ from typing import Any, Optional
 
 import ray
 import torch
-from ray.util.placement_group import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from app.config import ModelSpec
 from app.planner import ParallelPlan
 from app.runners.base import DeviceLost, ModelRunner
-from app.runners.tp_group import (free_port, join_process_group, remove_shm_buffers, shard_with_autotp,
-                                  shm_buffer_prefix)
+from app.runners.tp_group import (free_port, gang_gpu_ids, join_process_group, remove_shm_buffers, shard_with_autotp,
+                                  shm_buffer_prefix, spawn_ranks)
 
 _HEALTH_TIMEOUT_S = 30.0
 
@@ -75,31 +73,14 @@ class TensorParallelRunner(ModelRunner):
 
     def start(self) -> None:
         world = self.plan.tp
-        pg = get_current_placement_group()
         master_addr = ray.util.get_node_ip_address()
         master_port = free_port()
         self.shm_buffer_prefix = shm_buffer_prefix(master_addr, master_port)
-        worker_cls = ray.remote(TPRankWorker)
         t0 = time.perf_counter()
-        for rank in range(world):
-            opts: dict[str, Any] = {
-                "num_cpus": self.spec.parallel.rank_num_cpus,
-                "num_gpus": 1 if self.use_gpu else 0,
-                "name": None,
-                # Ranks run an all-reduce loop: a restarted rank could never rejoin the group, so the
-                # replica is replaced as a whole instead (health check).
-                "max_restarts": 0,
-            }
-            if pg is not None:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank + 1
-                )
-            self.ranks.append(worker_cls.options(**opts).remote(rank, world))
-        gang_gpus: Optional[list[str]] = None
-        if self.use_gpu:
-            gang_gpus = [g for ids in ray.get([r.gpu_ids.remote() for r in self.ranks]) for g in ids]
-            if len(gang_gpus) != world:
-                raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({world})")
+        # Bundle 0 is the replica's own; bundles 1..tp hold one rank each (deployments/builder.py).
+        self.ranks = spawn_ranks(TPRankWorker, range(world), world, self.spec.parallel.rank_num_cpus, self.use_gpu,
+                                 lambda rank: rank + 1, name=None)
+        gang_gpus = gang_gpu_ids(self.ranks, world) if self.use_gpu else None
         ray.get([r.setup.remote(self.spec, self.vocab_size, master_addr, master_port, gang_gpus) for r in self.ranks])
         self.gang_gpus = gang_gpus or []
         probe = torch.ones(1, 4, dtype=torch.long)

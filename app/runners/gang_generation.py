@@ -37,14 +37,12 @@ from typing import Any, Optional
 
 import ray
 import torch
-from ray.util.placement_group import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from app.config import ModelSpec
 from app.kv_cache import KVBudget, free_memory_bytes, kv_budget, kv_bytes_per_token
 from app.planner import ParallelPlan
-from app.runners.tp_group import (free_port, join_process_group, remove_shm_buffers, shard_with_autotp,
-                                  shm_buffer_prefix)
+from app.runners.tp_group import (free_port, gang_gpu_ids, join_process_group, remove_shm_buffers, shard_with_autotp,
+                                  shm_buffer_prefix, spawn_ranks)
 
 logger = logging.getLogger("ray.serve")
 
@@ -200,21 +198,10 @@ class GenerationGang:
         from app.engine.generation import GenerationEngine
         from app.models.loader import build_config, resolve_dtype
 
-        pg = get_current_placement_group()
-        cls = ray.remote(GenerationRank)
-        for rank in range(1, self.world):
-            opts: dict[str, Any] = {"num_cpus": self.spec.parallel.rank_num_cpus,
-                                    "num_gpus": 1 if self.reserve_gpus else 0, "max_restarts": 0, "max_concurrency": 4}
-            if pg is not None:  # bundle s holds stage s's tp ranks (deployments/builder.py)
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank // self.plan.tp)
-            self.ranks.append(cls.options(**opts).remote(rank, self.world))
-        gang_gpus: Optional[list[str]] = None
-        if self.use_gpu:
-            gang_gpus = [str(g) for g in ray.get_gpu_ids()] + [
-                g for ids in ray.get([r.gpu_ids.remote() for r in self.ranks]) for g in ids]
-            if len(gang_gpus) != self.world:
-                raise RuntimeError(f"tensor-parallel gang got GPUs {gang_gpus}, expected one per rank ({self.world})")
+        # Bundle s holds stage s's tp ranks (deployments/builder.py).
+        self.ranks = spawn_ranks(GenerationRank, range(1, self.world), self.world, self.spec.parallel.rank_num_cpus,
+                                 self.reserve_gpus, lambda rank: rank // self.plan.tp, max_concurrency=4)
+        gang_gpus = gang_gpu_ids(self.ranks, self.world, [str(g) for g in ray.get_gpu_ids()]) if self.use_gpu else None
         addr, port = ray.util.get_node_ip_address(), free_port()
         self._prefix = shm_buffer_prefix(addr, port)
         loads = [r.load.remote(self.spec, self.plan, self.vocab_size, addr, port, gang_gpus) for r in self.ranks]

@@ -8,10 +8,42 @@ import contextlib
 import glob
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+
+
+def spawn_ranks(actor_cls: type, ranks: range, world: int, rank_cpus: float, reserve_gpu: bool,
+                bundle_of: Callable[[int], int], **options: Any) -> list[Any]:
+    """One Ray actor per rank, `actor_cls(rank, world)`, each in its bundle of the replica's
+    placement group (`bundle_of(rank)`), where the replica has one."""
+    import ray
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = get_current_placement_group()
+    cls = ray.remote(actor_cls)
+    handles = []
+    for rank in ranks:
+        # A restarted rank could never rejoin the group's collectives: the replica is replaced as
+        # a whole instead (its health check), so no rank restarts.
+        opts: dict[str, Any] = {"num_cpus": rank_cpus, "num_gpus": 1 if reserve_gpu else 0, "max_restarts": 0, **options}
+        if pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=bundle_of(rank))
+        handles.append(cls.options(**opts).remote(rank, world))
+    return handles
+
+
+def gang_gpu_ids(ranks: list[Any], world: int, own: Sequence[str] = ()) -> list[str]:
+    """The GPU ids of a gang (`own`: the caller's, when it is rank 0), one per rank, or an error."""
+    import ray
+
+    ids = list(own) + [g for got in ray.get([r.gpu_ids.remote() for r in ranks]) for g in got]
+    if len(ids) != world:
+        raise RuntimeError(f"tensor-parallel gang got GPUs {ids}, expected one per rank ({world})")
+    return ids
 
 
 def free_port() -> int:

@@ -68,10 +68,10 @@ def test_a_seed_gives_the_same_tokens_on_every_run():
     assert first == again and first != other
 
 
-def test_sync_free_processors_give_the_same_bits_as_the_checking_ones():
-    """On a GPU the processors run every pass (no host read of device values, so a CUDA graph can
-    hold them); rows that need no pass must come out bit-identical to the CPU path, whatever their
-    batch mates need, and all-greedy batches too."""
+def test_static_passes_give_the_same_bits_as_skipped_ones():
+    """For a graphed or compiled step the processors run every pass; rows that need no pass must
+    come out bit-identical to the path that skips it, whatever their batch mates need, and
+    all-greedy batches too."""
     from app.engine.sampling import _SeededNoise, _Temperature, _TopP, sampling_kwargs
 
     class Req:
@@ -92,7 +92,7 @@ def test_sync_free_processors_give_the_same_bits_as_the_checking_ones():
                 s = proc(s, proc.prepare_tensor_args([r]))
             alone.append(s[0])
         scores = logits.clone()
-        for proc in (_Temperature(sync_free=True), _TopP(sync_free=True), _SeededNoise(sync_free=True)):
+        for proc in (_Temperature(static_passes=True), _TopP(static_passes=True), _SeededNoise(static_passes=True)):
             scores = proc(scores, proc.prepare_tensor_args(reqs))
         for i in range(len(reqs)):
             assert torch.equal(scores[i], alone[i]), i
