@@ -131,7 +131,7 @@ def main() -> int:
     references: dict[float, dict[int, list[int]]] = {}  # temperature -> the first variant's tokens
     for v in ns.variants:
         opts = dict(kv.split("=") for kv in v.split(","))
-        tokens = int(opts.get("kv", g.kv_cache_max_tokens))
+        tokens_kv = int(opts.get("kv", g.kv_cache_max_tokens))
         manager = {}
         if "graph" in opts:
             manager["use_cuda_graph"] = opts["graph"] == "1"
@@ -142,17 +142,26 @@ def main() -> int:
             if key in opts:
                 manager[field] = int(opts[key])
         t0 = time.perf_counter()
-        engine = GenerationEngine(model, [-1], KVBudget(tokens, per_token, 0, 1.0, "bench"),
-                                  max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
-                                  max_step_tokens=g.max_step_tokens, page_size=g.page_size,
-                                  max_context_tokens=spec.max_seq_len, manager_options=manager)
-        asyncio.run(tpot_ms(engine, 4, 32, 16))  # warm-up (graph capture, kernels)
-        # Each stream count twice, the second kept: the first pays for the graphs its shapes need.
         temp = float(opts.get("temp", 0.0))
         tokens: dict[int, list[int]] = {}
-        got = {n: [asyncio.run(tpot_ms(engine, n, ns.prompt_tokens, ns.new_tokens, temp, tokens))
-                   for _ in range(ns.repeat)][-1] for n in streams}
-        engine.shutdown()
+        engine = None
+        try:
+            engine = GenerationEngine(model, [-1], KVBudget(tokens_kv, per_token, 0, 1.0, "bench"),
+                                      max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
+                                      max_step_tokens=g.max_step_tokens, page_size=g.page_size,
+                                      max_context_tokens=spec.max_seq_len, manager_options=manager)
+            asyncio.run(tpot_ms(engine, 4, 32, 16))  # warm-up (graph capture, kernels)
+            # Each stream count twice, the second kept: the first pays for the graphs its shapes need.
+            got = {n: [asyncio.run(tpot_ms(engine, n, ns.prompt_tokens, ns.new_tokens, temp, tokens))
+                       for _ in range(ns.repeat)][-1] for n in streams}
+            engine.shutdown()
+        except Exception as e:  # noqa: BLE001 - a variant the device cannot run is a result too
+            if engine is not None:
+                engine.shutdown()
+            rows.append({"variant": v, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(f"{v:<28}failed: {rows[-1]['error'][:200]}", flush=True)
+            write(ns, rows)
+            continue
         reference = references.setdefault(temp, tokens)
         same = sum(tokens[i] == reference.get(i) for i in tokens) / max(1, len(tokens))
         rows.append({"variant": v, "tpot_ms": got, "setup_s": time.perf_counter() - t0, "same_tokens": same})
