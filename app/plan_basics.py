@@ -108,3 +108,8 @@ def balance_stages(unit_bytes: Sequence[int], stages: int) -> tuple[int, ...]:
 
 def _tp_ok(fp: Footprint, t: int) -> bool:
     return fp.num_heads % t == 0 and fp.hidden_size % t == 0 and fp.num_kv_heads % t == 0
+
+
+def _widest_tp(fp: Footprint, per_node: int) -> int:
+    """The largest tp <= a node's devices that divides the heads (1 if none does)."""
+    return max((t for t in range(1, per_node + 1) if t == 1 or _tp_ok(fp, t)), default=1)

@@ -14,7 +14,7 @@ from app.models.anatomy import UnsupportedArchitecture, layer_modules
 from app.config import ModelSpec, ParallelConfig
 from app.kv_cache import kv_bytes_per_token
 from app.plan_basics import (BATCH_HEADROOM, GiB, _DTYPE_BYTES, Footprint, ParallelPlan, PlanError,  # noqa: F401
-                             _gb, _tp_ok, balance_stages)
+                             _gb, _tp_ok, _widest_tp, balance_stages)
 
 # ----------------------------------------------------------------------------------------------
 # Footprint from a transformers config, on the meta device
@@ -124,9 +124,6 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         f"{_gb(usable)} usable per device"
     )
     reasons = [sizes]
-    if par.strategy == "tp_pp" and spec.task != "generate":
-        raise PlanError(f"{spec.name}: parallel.strategy tp_pp (pipeline stages of tensor-parallel groups) serves "
-                        f"generators; for {spec.task} use deepspeed_tp or fairscale_pp")
     if spec.task == "generate":
         from app.planner_generate import plan_generator
 
@@ -174,10 +171,30 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
         bubble = (p - 1) / (m + p - 1)
         notes = [why, f"stages of {list(balance)} units, fullest {_gb(worst)}; {m} micro-batches -> bubble {bubble:.0%}"]
         if p > dev.per_node:
-            notes.append(f"{p} stages span {math.ceil(p / dev.per_node)} nodes: needs a multi-node pipeline, "
-                         "which the fairscale runner (one process) does not run")
+            notes.append(f"{p} stages span {math.ceil(p / dev.per_node)} nodes: fairscale's Pipe runs in one "
+                         "process; strategy tp_pp runs stages as Ray actors across nodes")
         return ParallelPlan("fairscale_pp", 1, p, m, balance, p, mb, mem, fp.param_bytes, worst, act, int(usable),
                             tuple(reasons + notes))
+
+    def stage_pipeline(t: int, p: int, why: str) -> ParallelPlan:
+        """p stages of t ranks each, one Ray actor per rank (app/runners/stage_pipeline.py)."""
+        if t > 1 and not _tp_ok(fp, t):
+            raise PlanError(f"{spec.name}: tp={t} must divide attention heads ({fp.num_heads}), kv heads "
+                            f"({fp.num_kv_heads}) and hidden size ({fp.hidden_size})")
+        worst, balance = _fullest_stage(fp, p)
+        m = par.chunks or chunks_for_bubble(p, par.max_bubble)
+        p_bytes, a_bytes = worst / t, int(_tp_device_bytes(fp, t, 1)[1])
+        mem = _batch_cap(usable - p_bytes, a_bytes)
+        mem = max(mem * m // 2, mem) if m > 1 else mem  # a stage holds about one micro-batch at a time
+        mb = min(cap, mem)
+        if mb < max(par.min_batch_size, 1):
+            raise PlanError(f"{spec.name}: tp={t} x pp={p} leaves {_gb(p_bytes)} per rank on the fullest stage; "
+                            f"{_gb(usable)} is usable")
+        bubble = (p - 1) / (m + p - 1)
+        return ParallelPlan("tp_pp", t, p, m, balance, t * p, mb, mem, fp.param_bytes, int(p_bytes), act, int(usable),
+                            tuple(reasons + [why, f"stages of {list(balance)} units, {_gb(p_bytes)} per rank on the "
+                                                  f"fullest; {m} micro-batches in flight -> bubble {bubble:.0%}; "
+                                                  "stages are Ray actors, a stage's ranks on one node"]))
 
     # ---------------- forced settings
     if par.strategy == "replicated":
@@ -190,12 +207,24 @@ def plan(spec: ModelSpec, fp: Footprint) -> ParallelPlan:
     if par.strategy == "fairscale_pp":
         p = par.pp or _smallest_pp(fp, total_devices, usable, par.min_batch_size) or 2
         return pipeline(p, f"strategy forced to fairscale_pp (pp={p})")
+    if par.strategy == "tp_pp":
+        t = par.tp or _widest_tp(fp, dev.per_node)
+        p = par.pp or _smallest_pp(fp, total_devices // t, usable, par.min_batch_size, t) or 2
+        return stage_pipeline(t, p, f"strategy forced to tp_pp (tp={t} x pp={p})")
 
     # ---------------- auto
     if need_one <= usable:
         return replicated(f"fits one device ({_gb(need_one)} <= {_gb(usable)}): one copy per replica, replicas scale out")
     deep_narrow = fp.num_layers >= par.pipeline_min_layers and fp.hidden_size <= par.pipeline_max_hidden
     p = _smallest_pp(fp, total_devices, usable, par.min_batch_size)
+    if p is not None and p > dev.per_node and dev.nodes > 1:
+        # One process cannot hold stages on several nodes: stages as Ray actors, each as wide a
+        # tensor-parallel group as a node's fast links allow, as few stages as fit.
+        t = _widest_tp(fp, dev.per_node)
+        p2 = _smallest_pp(fp, total_devices // t, usable, par.min_batch_size, t)
+        if p2 is not None:
+            return stage_pipeline(t, p2, f"does not fit one node's devices as one pipeline or tp gang; tp={t} fills "
+                                         f"a node's fast links and {p2} such stages across nodes fit")
     if deep_narrow and p is not None:
         return pipeline(p, f"does not fit one device; deep ({fp.num_layers} layers) and narrow (hidden {fp.hidden_size}): "
                            f"a pipeline of {p} stages avoids two all-reduces per layer")
@@ -223,14 +252,21 @@ def _smallest_tp(fp: Footprint, per_node: int, usable: float, min_batch: int) ->
     return None
 
 
-def _smallest_pp(fp: Footprint, total_devices: int, usable: float, min_batch: int) -> Optional[int]:
+def _fullest_stage(fp: Footprint, p: int) -> tuple[int, tuple[int, ...]]:
+    """(bytes of the fullest of p balanced stages, the balance)."""
+    balance = balance_stages(fp.unit_bytes, p)
+    i, worst = 0, 0
+    for c in balance:
+        worst = max(worst, sum(fp.unit_bytes[i : i + c]))
+        i += c
+    return worst, tuple(balance)
+
+
+def _smallest_pp(fp: Footprint, total_devices: int, usable: float, min_batch: int, t: int = 1) -> Optional[int]:
+    """Fewest stages (of t ranks each) whose fullest stage holds its weights and min_batch samples."""
     for p in range(2, min(total_devices, len(fp.unit_bytes)) + 1):
-        balance = balance_stages(fp.unit_bytes, p)
-        i, worst = 0, 0
-        for c in balance:
-            worst = max(worst, sum(fp.unit_bytes[i : i + c]))
-            i += c
-        if worst + min_batch * fp.activation_bytes_per_sample <= usable:
+        worst, _ = _fullest_stage(fp, p)
+        if worst / t + min_batch * _tp_device_bytes(fp, t, 1)[1] <= usable:
             return p
     return None
 

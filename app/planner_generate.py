@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from app.config import ModelSpec
 from app.kv_cache import kv_budget
-from app.plan_basics import Footprint, ParallelPlan, PlanError, _gb, _tp_ok, balance_stages
+from app.plan_basics import Footprint, ParallelPlan, PlanError, _gb, _tp_ok, _widest_tp, balance_stages
 
 
 def plan_generator(spec: ModelSpec, fp: Footprint, usable: float, reasons: list[str]) -> ParallelPlan:
@@ -142,11 +142,6 @@ def generator_balance(unit_bytes: Sequence[int], stages: int) -> tuple[int, ...]
     b[0] += 1
     b[-1] += 1
     return tuple(b)
-
-
-def _widest_tp(fp: Footprint, per_node: int) -> int:
-    """The largest tp <= a node's devices that divides the heads (1 if none does)."""
-    return max((t for t in range(1, per_node + 1) if t == 1 or _tp_ok(fp, t)), default=1)
 
 
 def _stages(spec: ModelSpec, fp: Footprint, p: int, usable: float,

@@ -89,6 +89,15 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int =
         # A gang that lost a rank answers 503 until Serve replaces it, which takes three failed
         # health checks: ping the ranks (cheap) every 2 s rather than every 10 s.
         options["health_check_period_s"] = 2
+    elif plan.strategy == "tp_pp":
+        # Encoder stages (app/runners/stage_pipeline.py): bundle 0 is the replica's own, bundle
+        # 1 + s holds stage s's tp ranks (a stage never spans nodes); PACK spreads stages over nodes
+        # only where one node cannot hold them.
+        stage_bundle = {"CPU": plan.tp * spec.parallel.rank_num_cpus, **({"GPU": plan.tp} if gpu else {})}
+        options["ray_actor_options"] = {"num_cpus": d.num_cpus, "num_gpus": 0}
+        options["placement_group_bundles"] = [{"CPU": d.num_cpus}] + [dict(stage_bundle) for _ in range(plan.pp)]
+        options["placement_group_strategy"] = "PACK"
+        options["health_check_period_s"] = 2
     elif plan.strategy == "fairscale_pp":
         options["ray_actor_options"] = {"num_cpus": d.num_cpus, "num_gpus": plan.pp if gpu else 0}
     return options

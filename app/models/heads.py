@@ -30,6 +30,13 @@ class EmbeddingHead(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mean_pool_normalize(hidden.float(), attention_mask)
 
+    @property
+    def config(self):
+        # DeepSpeed AutoTP reads the head counts from the model's config: without it, a model with
+        # fewer KV heads than query heads (GQA) was split as if it had as many (embeddings off by
+        # 128 % relative on a 4-head / 2-KV-head Llama at tp=2).
+        return self.encoder.config
+
 
 class ClassifierHead(nn.Module):
     """Logits of a `*ForSequenceClassification` model."""
@@ -40,3 +47,7 @@ class ClassifierHead(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+    @property
+    def config(self):
+        return self.classifier.config  # for DeepSpeed AutoTP (see EmbeddingHead.config)

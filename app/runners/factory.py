@@ -29,4 +29,8 @@ def make_runner(spec: ModelSpec, vocab_size: int, plan: ParallelPlan) -> ModelRu
         from app.runners.fairscale_pp import PipelineRunner
 
         return PipelineRunner(spec, vocab_size, plan)
+    if plan.strategy == "tp_pp":
+        from app.runners.stage_pipeline import StagePipelineRunner
+
+        return StagePipelineRunner(spec, vocab_size, plan)
     raise ValueError(f"unknown strategy {plan.strategy!r}")

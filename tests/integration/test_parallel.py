@@ -23,10 +23,10 @@ pytestmark = pytest.mark.integration
 VOCAB = 30522
 
 
-def _spec(arch: str, task: str, strategy: str, **size) -> ModelSpec:
+def _spec(arch: str, task: str, strategy: str, kv_heads: int = 4, **size) -> ModelSpec:
     cfg = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128}
     if arch == "llama":
-        cfg["num_key_value_heads"] = 4
+        cfg["num_key_value_heads"] = kv_heads
     parallel = {"strategy": strategy, "rank_num_cpus": 0.5, "devices": {"kind": "cpu", "per_node": 2}, **size}
     return ModelSpec.model_validate({
         "name": f"{arch}-{task}", "source": {"kind": "random_init", "architecture": arch, "config": cfg, "seed": 3},
@@ -54,11 +54,13 @@ def _reference(spec: ModelSpec) -> torch.Tensor:
     return local.infer(*_inputs())
 
 
-@pytest.mark.parametrize("arch, task", [("llama", "embed"), ("llama", "classify"), ("bert", "classify")])
-def test_tensor_parallel_matches_local(ray_cluster, arch, task):
+@pytest.mark.parametrize("arch, task, kv_heads", [("llama", "embed", 4), ("llama", "embed", 2), ("llama", "classify", 2),
+                                                  ("bert", "classify", 4)])
+def test_tensor_parallel_matches_local(ray_cluster, arch, task, kv_heads):
+    """kv_heads 2 of 4 (GQA): AutoTP must learn the head counts from the served head's config."""
     from app.runners.deepspeed_tp import TensorParallelRunner
 
-    spec = _spec(arch, task, "deepspeed_tp", tp=2)
+    spec = _spec(arch, task, "deepspeed_tp", kv_heads=kv_heads, tp=2)
     plan = plan_model(spec, VOCAB)
     assert (plan.strategy, plan.tp) == ("deepspeed_tp", 2)
     runner = TensorParallelRunner(spec, VOCAB, plan)

@@ -59,10 +59,22 @@ def test_pipeline_for_deep_narrow_models():
 
 
 def test_pipeline_when_tensor_parallel_inside_a_node_is_not_enough():
-    # One device per node: TP impossible, a pipeline across nodes fits.
+    # One device per node: TP impossible, a pipeline across nodes fits: stages as Ray actors
+    # (fairscale's Pipe is one process on one node).
     p = plan_model(_llama(devices=_budget(10, per_node=1, nodes=4)))
-    assert p.strategy == "fairscale_pp" and p.pp >= 2
-    assert "nor tensor-parallel inside one node" in p.explain()
+    assert (p.strategy, p.tp) == ("tp_pp", 1) and p.pp >= 2 and p.devices == p.pp
+    assert "across nodes" in p.explain() and "micro-batches in flight" in p.explain()
+    # Two devices per node, one node: a pipeline inside the node stays fairscale's.
+    p = plan_model(_llama(devices=_budget(10, per_node=4, nodes=1), strategy="fairscale_pp"))
+    assert p.strategy == "fairscale_pp"
+
+
+def test_an_encoder_past_one_node_gets_tp_stages_across_nodes():
+    # ~14 MiB of parameters, 2 devices of 5 MiB per node, 4 nodes: a pipeline of one-device stages
+    # would need 4+ stages over several nodes; tp=2 stages fill a node each.
+    p = plan_model(_llama(devices=_budget(5, per_node=2, nodes=4)))
+    assert (p.strategy, p.tp) == ("tp_pp", 2) and p.pp >= 2 and p.devices == p.tp * p.pp
+    assert p.per_device_param_bytes <= 5 * MiB and p.chunks >= 1 and p.max_batch_size >= 1
 
 
 def test_fits_nowhere_is_refused_with_sizes():
@@ -194,8 +206,8 @@ def test_a_generator_past_one_node_with_splittable_heads_gets_tp_stages_across_n
 def test_tp_pp_forced_and_its_bad_settings():
     p = plan_model(_generator_on(512, per_node=2, nodes=2, strategy="tp_pp", tp=2, pp=2))
     assert (p.strategy, p.tp, p.pp, p.devices) == ("tp_pp", 2, 2, 4)
-    with pytest.raises(PlanError, match="serves generators"):
-        plan_model(_llama(strategy="tp_pp", tp=2, pp=2, devices=_budget(512, per_node=2, nodes=2)))
+    enc = plan_model(_llama(strategy="tp_pp", tp=2, pp=2, devices=_budget(512, per_node=2, nodes=2)))
+    assert (enc.strategy, enc.tp, enc.pp, enc.devices) == ("tp_pp", 2, 2, 4) and sum(enc.balance) == 4 + 2  # layers + embeddings + head
     with pytest.raises(ValueError, match="tp x pp = 8 exceeds the 4 devices"):
         _generator_on(512, per_node=2, nodes=2, strategy="tp_pp", tp=2, pp=4)
     with pytest.raises(ValueError, match="tp: 2 set but strategy is 'fairscale_pp'"):

@@ -1,0 +1,197 @@
+"""Encoders on pipeline stages that are each a tensor-parallel group (tp x pp), one Ray actor per rank.
+
+For a model too large for one node: the stages go to different nodes (one placement-group bundle
+per stage, so a stage's all-reduces stay on one node's links) and hand activations on over
+torch.distributed point-to-point (gloo on CPUs, NCCL on GPUs). Fairscale's `Pipe` stays the runner
+for a pipeline inside one process.
+
+Rank r = stage x tp + t. Every rank builds the same seeded model; a stage's tp ranks shard it
+with DeepSpeed AutoTP over their own group, then keep their stage's units of the planner's cut
+(app/models/stages.py: [embeddings, layer 0..n-1, final], the balance the planner sized). A batch
+is split into `plan.chunks` micro-batches; rank t of stage s receives micro-batch j from rank t of
+stage s-1, runs its units, and sends it on without waiting for the send to land
+(`isend`), so stage s works on micro-batch j while stage s+1 works on j-1: the pipeline overlaps as
+GPipe's forward does, with a bubble of (p-1)/(m+p-1). Every rank gets the batch's ids and mask (a
+Ray object, a few KB) to know the micro-batch shapes; rank 0 of the last stage returns the outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import ray
+import torch
+
+from app.config import ModelSpec
+from app.planner import ParallelPlan
+from app.runners.base import DeviceLost, ModelRunner
+from app.runners.tp_group import (free_port, gang_gpu_ids, join_process_group, remove_shm_buffers, shard_with_autotp,
+                                  shm_buffer_prefix, spawn_ranks)
+
+_HEALTH_TIMEOUT_S = 30.0
+
+
+def micro_batches(n: int, chunks: int) -> list[slice]:
+    """Rows of each micro-batch: `chunks` near-equal slices of n rows (fewer when n < chunks)."""
+    m = max(1, min(chunks, n))
+    size, extra = divmod(n, m)
+    out, start = [], 0
+    for j in range(m):
+        stop = start + size + (1 if j < extra else 0)
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
+class EncoderStageRank:
+    """One rank of the gang (a Ray actor)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.device = torch.device("cpu")
+
+    def gpu_ids(self) -> list[str]:
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def where(self) -> dict[str, Any]:
+        import os
+
+        return {"rank": self.rank, "stage": self.stage, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
+
+    def setup(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int, master_addr: str, master_port: int,
+              gang_gpus: Optional[list[str]]) -> int:
+        from app.models.loader import build_backbone, resolve_dtype, wrap_head
+        from app.models.stages import to_sequential
+
+        torch.set_num_threads(spec.intra_op_threads(int(max(1, spec.parallel.rank_num_cpus))))
+        self.tp, self.pp = plan.tp, plan.pp
+        self.stage, self.t = divmod(self.rank, plan.tp)
+        self.chunks = plan.chunks
+        self.device = join_process_group(self.rank, self.world, master_addr, master_port, gang_gpus)
+        self.dtype = resolve_dtype(spec, self.device)
+        # Every rank creates every stage's group, in the same order (new_group is collective).
+        groups = [torch.distributed.new_group(ranks=list(range(s * plan.tp, (s + 1) * plan.tp)))
+                  for s in range(plan.pp)]
+        model = wrap_head(spec, build_backbone(spec, vocab_size, self.device, self.dtype))
+        if plan.tp > 1:  # shard whole, then cut: AutoTP finds the decoder layers in the model it knows
+            model = shard_with_autotp(model, plan.tp, self.dtype, groups[self.stage])
+        units = list(to_sequential(model, spec.task))
+        balance = plan.balance or ()
+        first = sum(balance[: self.stage])
+        self.units = torch.nn.Sequential(*units[first : first + balance[self.stage]]).eval()
+        inner = model.encoder if hasattr(model, "encoder") else model.classifier  # EmbeddingHead / ClassifierHead
+        self.hidden = int(inner.config.hidden_size)
+        return self.rank
+
+    def _peer(self, stage: int) -> int:
+        return stage * self.tp + self.t
+
+    @torch.inference_mode()
+    def run(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Optional[torch.Tensor]:
+        ids, mask = batch
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        last = self.pp - 1
+        sends, outputs = [], []
+        for rows in micro_batches(ids.shape[0], self.chunks):
+            m = mask[rows]
+            if self.stage == 0:
+                x: Any = (ids[rows], m)
+            else:
+                hidden = torch.empty(m.shape[0], m.shape[1], self.hidden, dtype=self.dtype, device=self.device)
+                torch.distributed.recv(hidden, src=self._peer(self.stage - 1))
+                x = (hidden, m)
+            x = self.units(x)
+            if self.stage < last:
+                # Not waited on here: the next micro-batch runs while this one travels.
+                sends.append(torch.distributed.isend(x[0].contiguous(), dst=self._peer(self.stage + 1)))
+            else:
+                outputs.append(x.float().cpu())
+        for s in sends:
+            s.wait()
+        return torch.cat(outputs) if self.stage == last and self.t == 0 else None
+
+    def ping(self) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return True
+
+
+class StagePipelineRunner(ModelRunner):
+    strategy = "tp_pp"
+
+    def __init__(self, spec: ModelSpec, vocab_size: int, plan: ParallelPlan):
+        self.spec, self.vocab_size, self.plan = spec, vocab_size, plan
+        self.world = plan.tp * plan.pp
+        self.reserve_gpus = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
+        self.use_gpu = self.reserve_gpus and torch.cuda.is_available()
+        self.ranks: list[Any] = []
+        self.gang_gpus: list[str] = []
+        self.placement: list[dict[str, Any]] = []
+        self.output_dim: Optional[int] = None
+        self.dtype = "?"
+        self._lost: Optional[str] = None
+        self._prefix: Optional[str] = None
+
+    def start(self) -> None:
+        t0 = time.perf_counter()
+        addr, port = ray.util.get_node_ip_address(), free_port()
+        self._prefix = shm_buffer_prefix(addr, port)
+        # Bundle 0 is the replica's own; bundle 1 + s holds stage s's tp ranks (deployments/builder.py).
+        self.ranks = spawn_ranks(EncoderStageRank, range(self.world), self.world, self.spec.parallel.rank_num_cpus,
+                                 self.reserve_gpus, lambda rank: 1 + rank // self.plan.tp)
+        gang_gpus = gang_gpu_ids(self.ranks, self.world) if self.use_gpu else None
+        ray.get([r.setup.remote(self.spec, self.plan, self.vocab_size, addr, port, gang_gpus) for r in self.ranks])
+        self.gang_gpus = gang_gpus or []
+        self.placement = ray.get([r.where.remote() for r in self.ranks])
+        probe = torch.ones(1, 4, dtype=torch.long)
+        self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
+        self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (
+            "float32" if self.spec.dtype == "auto" else self.spec.dtype)
+        self._start_s = time.perf_counter() - t0
+
+    def gpu_ids(self) -> Optional[list[str]]:
+        return self.gang_gpus or None
+
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._lost is not None:
+            raise DeviceLost(self._lost)
+        batch = ray.put((input_ids, attention_mask))
+        refs = [r.run.remote(batch) for r in self.ranks]
+        # Whichever rank fails first breaks the gang: the others wait in a receive or an all-reduce
+        # that will never complete, so waiting in rank order would hang the batch.
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - any rank failure breaks the whole gang
+                rank = refs.index(done[0])
+                self._lost = f"pipeline rank {rank} (stage {rank // self.plan.tp}) failed: {type(e).__name__}"
+                self.shutdown()
+                raise DeviceLost(self._lost) from None
+        return ray.get(refs[(self.plan.pp - 1) * self.plan.tp])
+
+    def check_health(self) -> None:
+        if self._lost is not None:
+            raise DeviceLost(self._lost)
+        ray.get([r.ping.remote() for r in self.ranks], timeout=_HEALTH_TIMEOUT_S)
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r, no_restart=True)
+        self.ranks = []
+        remove_shm_buffers(self._prefix)  # none where world != tp (tp_group.shard_with_autotp), kept for safety
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "devices": [f"{'cuda' if self.use_gpu else 'cpu'}:rank{i}" for i in range(self.world)],
+            "dtype": self.dtype,
+            "output_dim": self.output_dim,
+            "tp": self.plan.tp,
+            "pp": self.plan.pp,
+            "micro_batches": self.plan.chunks,
+            "ranks": self.placement,
+        }
