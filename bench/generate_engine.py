@@ -8,7 +8,8 @@ Tells the served path's cost apart from the engine's, and which manager settings
 A variant is comma-separated: kv=TOKENS (cache size), graph=0|1 (CUDA graphs; unset: the
 manager decides), async=0|1 (the manager's double-buffered batch preparation), compile=LEVEL
 (the manager's default_compile_level), qpad=/kvpad=TOKENS (graph padding intervals), temp=T
-(seeded sampling at temperature T; default greedy), running=N (max_running_sequences). Each
+(seeded sampling at temperature T; default greedy), fusednorm=1 (bench/fused_norm.py; reverted
+after the variant), running=N (max_running_sequences). Each
 variant's tokens are compared with the first variant's of the same temperature: `same` is the
 fraction of streams whose tokens match. Each stream: a --prompt-tokens prompt, then --new-tokens
 tokens; TPOT = (last token - first token) / (tokens - 1), median over the streams. On CUDA the
@@ -145,6 +146,12 @@ def main() -> int:
         temp = float(opts.get("temp", 0.0))
         tokens: dict[int, list[int]] = {}
         engine = None
+        saved_forwards = {}
+        if opts.get("fusednorm") == "1":
+            from bench.fused_norm import fuse_rms_norms
+
+            saved_forwards = {m: m.__dict__.get("forward") for m in model.modules()}
+            fuse_rms_norms(model)
         try:
             engine = GenerationEngine(model, [-1], KVBudget(tokens_kv, per_token, 0, 1.0, "bench"),
                                       max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
@@ -162,6 +169,12 @@ def main() -> int:
             print(f"{v:<28}failed: {rows[-1]['error'][:200]}", flush=True)
             write(ns, rows)
             continue
+        finally:
+            for m, fwd in saved_forwards.items():  # the next variant gets the model as loaded
+                if fwd is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = fwd
         reference = references.setdefault(temp, tokens)
         same = sum(tokens[i] == reference.get(i) for i in tokens) / max(1, len(tokens))
         rows.append({"variant": v, "tpot_ms": got, "setup_s": time.perf_counter() - t0, "same_tokens": same})
