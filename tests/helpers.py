@@ -72,3 +72,14 @@ def build_wheel(tmp_path: Path) -> list[str]:
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("batchserve-*.whl")
     return zipfile.ZipFile(wheel).namelist()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still exists (the test cluster's nodes all run here)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

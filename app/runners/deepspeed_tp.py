@@ -17,7 +17,7 @@ import torch
 from app.config import ModelSpec
 from app.planner import ParallelPlan
 from app.runners.base import DeviceLost, ModelRunner
-from app.runners.tp_group import (free_port, gang_gpu_ids, join_process_group, remove_shm_buffers, shard_with_autotp,
+from app.runners.tp_group import (first_failed_rank, free_port, gang_gpu_ids, join_process_group, remove_shm_buffers, shard_with_autotp,
                                   shm_buffer_prefix, spawn_ranks)
 
 _HEALTH_TIMEOUT_S = 30.0
@@ -83,11 +83,15 @@ class TensorParallelRunner(ModelRunner):
         gang_gpus = gang_gpu_ids(self.ranks, world) if self.use_gpu else None
         ray.get([r.setup.remote(self.spec, self.vocab_size, master_addr, master_port, gang_gpus) for r in self.ranks])
         self.gang_gpus = gang_gpus or []
+        self._probe_output()
+        self._start_s = time.perf_counter() - t0
+
+    def _probe_output(self) -> None:
+        """One tiny batch through the gang: the output width, and proof that every rank answers."""
         probe = torch.ones(1, 4, dtype=torch.long)
         self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
         self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (
             "float32" if self.spec.dtype == "auto" else self.spec.dtype)
-        self._start_s = time.perf_counter() - t0
 
     def gpu_ids(self) -> Optional[list[str]]:
         return self.gang_gpus or None
@@ -97,19 +101,11 @@ class TensorParallelRunner(ModelRunner):
             raise DeviceLost(self._lost)
         batch = ray.put((input_ids, attention_mask))
         refs = [r.infer.remote(batch) for r in self.ranks]
-        # Wait for whichever rank finishes first: if one dies or raises, the others sit in an
-        # all-reduce that will never complete, so waiting in rank order would hang the batch.
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except Exception as e:  # noqa: BLE001 - any rank failure breaks the whole gang
-                self._lost = f"tensor-parallel rank {refs.index(done[0])} failed: {type(e).__name__}"
-                for r in self.ranks:  # unblock the survivors; the health check now fails
-                    ray.kill(r, no_restart=True)
-                self._remove_shm_buffers()
-                raise DeviceLost(self._lost) from None
+        failed = first_failed_rank(refs)
+        if failed is not None:
+            self._lost = f"tensor-parallel rank {failed} failed"
+            self.shutdown()  # unblock the survivors; the health check now fails
+            raise DeviceLost(self._lost)
         return ray.get(refs[0])
 
     def check_health(self) -> None:

@@ -25,11 +25,10 @@ import torch
 
 from app.config import ModelSpec
 from app.planner import ParallelPlan
-from app.runners.base import DeviceLost, ModelRunner
-from app.runners.tp_group import (free_port, gang_gpu_ids, join_process_group, remove_shm_buffers, shard_with_autotp,
+from app.runners.base import DeviceLost
+from app.runners.deepspeed_tp import TensorParallelRunner, TPRankWorker
+from app.runners.tp_group import (first_failed_rank, free_port, gang_gpu_ids, join_process_group, shard_with_autotp,
                                   shm_buffer_prefix, spawn_ranks)
-
-_HEALTH_TIMEOUT_S = 30.0
 
 
 def micro_batches(n: int, chunks: int) -> list[slice]:
@@ -44,15 +43,8 @@ def micro_batches(n: int, chunks: int) -> list[slice]:
     return out
 
 
-class EncoderStageRank:
-    """One rank of the gang (a Ray actor)."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-        self.device = torch.device("cpu")
-
-    def gpu_ids(self) -> list[str]:
-        return [str(g) for g in ray.get_gpu_ids()]
+class EncoderStageRank(TPRankWorker):
+    """One rank of the gang (a Ray actor): built in two steps as a tensor-parallel rank is."""
 
     def where(self) -> dict[str, Any]:
         import os
@@ -112,32 +104,26 @@ class EncoderStageRank:
             s.wait()
         return torch.cat(outputs) if self.stage == last and self.t == 0 else None
 
-    def ping(self) -> bool:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return True
 
+class StagePipelineRunner(TensorParallelRunner):
+    """The replica's side: start the ranks, send every batch to all of them, answer from the last
+    stage's rank 0; health check and shutdown as a tensor-parallel gang's."""
 
-class StagePipelineRunner(ModelRunner):
     strategy = "tp_pp"
 
     def __init__(self, spec: ModelSpec, vocab_size: int, plan: ParallelPlan):
-        self.spec, self.vocab_size, self.plan = spec, vocab_size, plan
+        super().__init__(spec, vocab_size, plan)
         self.world = plan.tp * plan.pp
-        self.reserve_gpus = spec.parallel.devices.kind == "gpu" and spec.device != "cpu"
+        # Ranks reserve a GPU where the budget is GPUs (a logical one on a test cluster) and
+        # compute on CUDA only where CUDA is there.
+        self.reserve_gpus = self.use_gpu
         self.use_gpu = self.reserve_gpus and torch.cuda.is_available()
-        self.ranks: list[Any] = []
-        self.gang_gpus: list[str] = []
         self.placement: list[dict[str, Any]] = []
-        self.output_dim: Optional[int] = None
-        self.dtype = "?"
-        self._lost: Optional[str] = None
-        self._prefix: Optional[str] = None
 
     def start(self) -> None:
         t0 = time.perf_counter()
         addr, port = ray.util.get_node_ip_address(), free_port()
-        self._prefix = shm_buffer_prefix(addr, port)
+        self.shm_buffer_prefix = shm_buffer_prefix(addr, port)  # none where world != tp; removed anyway
         # Bundle 0 is the replica's own; bundle 1 + s holds stage s's tp ranks (deployments/builder.py).
         self.ranks = spawn_ranks(EncoderStageRank, range(self.world), self.world, self.spec.parallel.rank_num_cpus,
                                  self.reserve_gpus, lambda rank: 1 + rank // self.plan.tp)
@@ -145,53 +131,21 @@ class StagePipelineRunner(ModelRunner):
         ray.get([r.setup.remote(self.spec, self.plan, self.vocab_size, addr, port, gang_gpus) for r in self.ranks])
         self.gang_gpus = gang_gpus or []
         self.placement = ray.get([r.where.remote() for r in self.ranks])
-        probe = torch.ones(1, 4, dtype=torch.long)
-        self.output_dim = int(self.infer(probe, torch.ones_like(probe)).shape[-1])
-        self.dtype = "bfloat16" if self.use_gpu and self.spec.dtype == "auto" else (
-            "float32" if self.spec.dtype == "auto" else self.spec.dtype)
+        self._probe_output()
         self._start_s = time.perf_counter() - t0
-
-    def gpu_ids(self) -> Optional[list[str]]:
-        return self.gang_gpus or None
 
     def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self._lost is not None:
             raise DeviceLost(self._lost)
         batch = ray.put((input_ids, attention_mask))
         refs = [r.run.remote(batch) for r in self.ranks]
-        # Whichever rank fails first breaks the gang: the others wait in a receive or an all-reduce
-        # that will never complete, so waiting in rank order would hang the batch.
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except Exception as e:  # noqa: BLE001 - any rank failure breaks the whole gang
-                rank = refs.index(done[0])
-                self._lost = f"pipeline rank {rank} (stage {rank // self.plan.tp}) failed: {type(e).__name__}"
-                self.shutdown()
-                raise DeviceLost(self._lost) from None
+        failed = first_failed_rank(refs)
+        if failed is not None:
+            self._lost = f"pipeline rank {failed} (stage {failed // self.plan.tp}) failed"
+            self.shutdown()
+            raise DeviceLost(self._lost)
         return ray.get(refs[(self.plan.pp - 1) * self.plan.tp])
 
-    def check_health(self) -> None:
-        if self._lost is not None:
-            raise DeviceLost(self._lost)
-        ray.get([r.ping.remote() for r in self.ranks], timeout=_HEALTH_TIMEOUT_S)
-
-    def shutdown(self) -> None:
-        for r in self.ranks:
-            ray.kill(r, no_restart=True)
-        self.ranks = []
-        remove_shm_buffers(self._prefix)  # none where world != tp (tp_group.shard_with_autotp), kept for safety
-
     def describe(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy,
-            "devices": [f"{'cuda' if self.use_gpu else 'cpu'}:rank{i}" for i in range(self.world)],
-            "dtype": self.dtype,
-            "output_dim": self.output_dim,
-            "tp": self.plan.tp,
-            "pp": self.plan.pp,
-            "micro_batches": self.plan.chunks,
-            "ranks": self.placement,
-        }
+        return {**super().describe(), "devices": [f"{'cuda' if self.use_gpu else 'cpu'}:rank{i}" for i in range(self.world)],
+                "pp": self.plan.pp, "micro_batches": self.plan.chunks, "ranks": self.placement}

@@ -46,6 +46,22 @@ def gang_gpu_ids(ranks: list[Any], world: int, own: Sequence[str] = ()) -> list[
     return ids
 
 
+def first_failed_rank(refs: list[Any]) -> Optional[int]:
+    """Wait for every rank's result in the order they finish; the index of the first that failed,
+    None if none did. Whichever rank fails first breaks a gang: the others wait in a collective or a
+    receive that will never complete, so waiting in rank order would hang."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except Exception:  # noqa: BLE001 - any rank failure breaks the whole gang
+            return refs.index(done[0])
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -19,6 +19,7 @@ import pytest
 from ray._common.test_utils import wait_for_condition
 
 from app.config import ModelSpec
+from tests.helpers import pid_alive
 from tests.integration.conftest import app_entry, extra_app
 
 pytestmark = pytest.mark.integration
@@ -93,14 +94,6 @@ def test_batched_outputs_equal_the_unsplit_model(url):
     assert rel.max() <= 1e-5, rel
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_a_killed_rank_fails_in_flight_requests_with_503_and_the_gang_is_replaced(url):
     before = _entry(url)
     old_pids = [r["pid"] for r in before["ranks"]]
@@ -150,6 +143,6 @@ def test_a_killed_rank_fails_in_flight_requests_with_503_and_the_gang_is_replace
     # Requests that arrive while no gang is up (the old one stopped, the new one loading) wait for
     # the new one at the handle, bounded by max_queued_requests: answered, not lost.
     # The old gang is gone: none of its processes live, /dev/shm back to its count.
-    wait_for_condition(lambda: not any(_alive(p) for p in old_pids), timeout=60)
+    wait_for_condition(lambda: not any(pid_alive(p) for p in old_pids), timeout=60)
     wait_for_condition(lambda: len(glob.glob("/dev/shm/*")) <= shm_before, timeout=60)
     assert len(_entry(url)["ranks"]) == 4

@@ -21,6 +21,7 @@ from ray._common.test_utils import wait_for_condition
 from app.config import ModelSpec
 from app.models.chat import GenerationText
 from app.models.loader import build_backbone
+from tests.helpers import pid_alive
 from tests.integration.conftest import app_entry, extra_app
 from tests.integration.test_generation import assert_answers_equal_generate
 
@@ -73,14 +74,6 @@ def _last_rank_pid(url: str, gang: str) -> int:
     """The process of the last rank of `gang`'s live replica (listed in /v1/models): a rank of the
     last stage of a pipeline."""
     return max(_entry(url, gang)["ranks"], key=lambda r: r["rank"])["pid"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _entry(url: str, name: str) -> dict:
@@ -199,4 +192,4 @@ def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url, g
     r = httpx.post(f"{url}/v1/completions", json={"model": gang, "prompt": "after", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200, r.text
     wait_for_condition(lambda: len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before, timeout=30)
-    wait_for_condition(lambda: not any(_alive(pid) for pid in gang_pids), timeout=60)  # no stray rank process
+    wait_for_condition(lambda: not any(pid_alive(pid) for pid in gang_pids), timeout=60)  # no stray rank process
