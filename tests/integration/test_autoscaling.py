@@ -142,6 +142,7 @@ def generator_gang_url(base_url):
         yield url
 
 
+@pytest.mark.slow  # ~3 min: two gangs start and one stops (`-m slow`)
 def test_generator_gangs_scale_out_and_back_in_answering_every_request(generator_gang_url):
     """#20: the autoscaler adds a whole second generator gang under load and removes it after."""
     from ray.util import placement_group_table
