@@ -13,8 +13,8 @@ tensor-parallel gang, every strategy). A request without temperature (T = 0) get
 The three processors plug into the manager's own per-request processor API
 (`ContinuousBatchingLogitsProcessor`: one int32 argument row per processor, filled per step).
 They run inside the manager's forward step. A processor skips its pass when no row of the step
-needs it (a pass over [rows, vocab] is ~10 % of a CPU step, and on the H200 host each kernel launch
-costs ~0.1 ms): the step's rows are known on the host when their arguments are prepared, so the
+needs it (a pass over [rows, vocab] is ~10 % of a CPU step; on a GPU each pass is several kernel
+launches on a step that is bound by launching): the step's rows are known on the host when their arguments are prepared, so the
 decision reads no device value (which would stall the host until the GPU catches up). A CUDA graph,
 torch.compile or the manager's asynchronous batch preparation cannot take a per-step decision; for
 them (`static_passes=True`) every pass runs, masked per row, with the same bits.

@@ -30,7 +30,6 @@ health check fails so Serve replaces the whole gang.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any, Optional
@@ -42,7 +41,7 @@ from app.config import ModelSpec
 from app.kv_cache import KVBudget, free_memory_bytes, kv_budget, kv_bytes_per_token
 from app.planner import ParallelPlan
 from app.runners.tp_group import (free_port, gang_gpu_ids, join_process_group, remove_shm_buffers, shard_with_autotp,
-                                  shm_buffer_prefix, spawn_ranks)
+                                  shm_buffer_prefix, spawn_ranks, where_am_i)
 
 logger = logging.getLogger("ray.serve")
 
@@ -131,11 +130,6 @@ def gang_budget(spec: ModelSpec, config: Any, dtype_bytes: int, shares: list[flo
     per_rank = [kv_budget(free, max(1, int(full * share)), g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
                 for free, share in zip(frees, shares)]
     return min(per_rank, key=lambda b: b.tokens)
-
-
-def where_am_i(rank: int) -> dict[str, Any]:
-    """Rank, node and process, for /v1/models (which node each stage or rank landed on, and its pid)."""
-    return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
 class GenerationRank:

@@ -28,7 +28,7 @@ from app.planner import ParallelPlan
 from app.runners.base import DeviceLost
 from app.runners.deepspeed_tp import TensorParallelRunner, TPRankWorker
 from app.runners.tp_group import (first_failed_rank, free_port, gang_gpu_ids, join_process_group, shard_with_autotp,
-                                  shm_buffer_prefix, spawn_ranks)
+                                  shm_buffer_prefix, spawn_ranks, where_am_i)
 
 
 def micro_batches(n: int, chunks: int) -> list[slice]:
@@ -47,10 +47,7 @@ class EncoderStageRank(TPRankWorker):
     """One rank of the gang (a Ray actor): built in two steps as a tensor-parallel rank is."""
 
     def where(self) -> dict[str, Any]:
-        import os
-
-        return {"rank": self.rank, "stage": self.stage, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid()}
+        return {**where_am_i(self.rank), "stage": self.stage}
 
     def setup(self, spec: ModelSpec, plan: ParallelPlan, vocab_size: int, master_addr: str, master_port: int,
               gang_gpus: Optional[list[str]]) -> int:

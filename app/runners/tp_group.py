@@ -62,6 +62,13 @@ def first_failed_rank(refs: list[Any]) -> Optional[int]:
     return None
 
 
+def where_am_i(rank: int) -> dict[str, Any]:
+    """Rank, node and process, for /v1/models (which node each stage or rank landed on, and its pid)."""
+    import ray
+
+    return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
