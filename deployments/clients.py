@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -22,6 +22,7 @@ from app.engine_link import EngineLinks
 from app.errors import ModelFailure, Overloaded, ServingError
 from app.gather import RequestGatherer
 from app.requests import InferenceResult, ModelInput
+from deployments.replica_wait import placed
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,18 +54,24 @@ class ModelClient(Protocol):
 class HandleClient:
     """A model server deployment behind a Serve handle (one extra hop, scaled on its own)."""
 
-    def __init__(self, name: str, handle: DeploymentHandle):
+    def __init__(self, name: str, handle: DeploymentHandle, replica_wait_s: Optional[float] = None):
         self.name = name
         self.handle = handle
+        self.replica_wait_s = replica_wait_s  # ModelSpec.effective_replica_wait_s()
+
+    async def _send(self, inputs: ModelInput) -> InferenceResult:
+        response = self.handle.infer.remote(inputs)
+        await placed(response, self.handle, self.replica_wait_s)
+        return await response
 
     async def infer(self, inputs: ModelInput) -> InferenceResult:
         try:
-            return await self.handle.infer.remote(inputs)
+            return await self._send(inputs)
         except RayActorError:
             # The replica died mid-request (killed, OOM, node lost). Inference has no side effects,
             # so one retry on another replica is safe; a second failure is reported.
             logger.warning("model %s: replica died during a request; retrying once", self.name)
-            return await self.handle.infer.remote(inputs)
+            return await self._send(inputs)
 
     async def describe(self) -> dict[str, Any]:
         return await self.handle.describe.remote()
@@ -84,7 +91,7 @@ class GatheringClient(HandleClient):
         from app.models.loader import load_tokenizer
         from app.models.tokenize import TextEncoder
 
-        super().__init__(spec.name, handle)
+        super().__init__(spec.name, handle, spec.effective_replica_wait_s())
         self.spec = spec
         # An ingress replica holds a share of one core: tokenise on the calling thread rather than
         # through the tokenizer's pool of one thread per host core (which spin between calls).

@@ -22,6 +22,7 @@ from app.traffic import PRIORITY_HEADER
 from app.protocols.openai import (SSE_DONE, Answer, GenerateCall, GenEvent, openai_error, parse_chat,
                                   parse_completion, parse_v2_generate, sse)
 from deployments.clients import as_serving_error
+from deployments.replica_wait import placed
 from deployments.http_app import api, json_response
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -68,8 +69,10 @@ class GenerationRoutes:
 
     async def _start(self, name: str, call: GenerateCall) -> tuple[Any, GenEvent]:
         """Send the call; wait for the replica's start event (admission passed) or its error."""
-        gen = self.generators[name].options(stream=True).generate.remote(call)
+        handle = self.generators[name]
+        gen = handle.options(stream=True).generate.remote(call)
         try:
+            await placed(gen, handle, self._spec(name).effective_replica_wait_s())  # type: ignore[attr-defined]
             first = await gen.__anext__()
         except StopAsyncIteration:
             raise ModelFailure("the generator ended without an answer") from None

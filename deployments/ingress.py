@@ -54,7 +54,8 @@ class Ingress(GenerationRoutes):
             one_shot = model.task != "generate"
             specs = model.version_specs()
             clients[name] = {v: GatheringClient(specs[v], h, gather) if gather and one_shot
-                             else HandleClient(model.deployment_name(v), h) for v, h in versions.items()}
+                             else HandleClient(model.deployment_name(v), h, specs[v].effective_replica_wait_s())
+                             for v, h in versions.items()}
         self.generators = {n: next(iter(vs.values())) for n, vs in handles.items() if args.model(n).task == "generate"}
         self._setup(args, clients, vocab_sizes)
 

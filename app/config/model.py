@@ -182,6 +182,14 @@ class ModelSpec(_Strict):
             return q
         return max(self.batching.max_batch_size, math.ceil(self.effective_max_ongoing_requests() / max(1, callers)))
 
+    def effective_replica_wait_s(self) -> Optional[float]:
+        """limits.replica_wait_s, except that a model scaled from zero replicas waits for its cold
+        start unless the bound was set on purpose."""
+        if self.autoscaling.enabled and self.autoscaling.min_replicas == 0 \
+                and "replica_wait_s" not in self.limits.model_fields_set:
+            return None
+        return self.limits.replica_wait_s
+
     def max_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling.enabled else self.deployment.num_replicas
 

@@ -125,6 +125,12 @@ class LimitsConfig(_Strict):
     # before it waits. Bounds accepted latency by time where the queue bounds only count it.
     # None: off (the queue bounds alone; README "Admission").
     max_queue_wait_ms: Optional[float] = Field(None, gt=0)
+    # How long a request may wait at the ingress for a replica to take it: past it, 503 +
+    # Retry-After. Covers the gap while no replica is up (a gang being replaced after a lost rank,
+    # a replica restarting), where Serve's router would hold the request until a new one starts.
+    # None: wait as long as it takes. Unset with autoscaling.min_replicas 0, it waits (a cold start
+    # from zero replicas takes longer than any short bound).
+    replica_wait_s: Optional[float] = Field(5.0, gt=0, le=3600)
 
 
 class DeploymentOptions(_Strict):

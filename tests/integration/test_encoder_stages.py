@@ -1,8 +1,9 @@
 """An encoder on pipeline stages of tensor-parallel groups (tp=2 x pp=2, app/runners/stage_pipeline.py)
 over the real HTTP path: each stage's bundle asks 2 logical GPUs, so on the test cluster (2 per
 worker) the stages land on different worker nodes; CPU compute and gloo where there is no CUDA.
-Outputs equal the unsplit model's; a killed rank fails what is in flight with 503 at once, the gang
-is replaced, and no process or /dev/shm file of the old one is left."""
+Outputs equal the unsplit model's; a killed rank fails what is in flight with 503 at once, requests
+that arrive while no gang is up get 503 within the replica wait, the gang is replaced, and no process
+or /dev/shm file of the old one is left."""
 
 from __future__ import annotations
 
@@ -138,10 +139,10 @@ def test_a_killed_rank_fails_in_flight_requests_with_503_and_the_gang_is_replace
         assert status in (200, 503), status
         if status == 503:
             assert retry_after, "a 503 must say when to retry"
-        if started <= killed_at[0]:  # in flight at the kill: answered or failed within 10 s
-            assert took < 10.0, took
-    # Requests that arrive while no gang is up (the old one stopped, the new one loading) wait for
-    # the new one at the handle, bounded by max_queued_requests: answered, not lost.
+        # In flight at the kill, or arriving while no gang is up (the old one stopped, the new one
+        # loading: limits.replica_wait_s bounds their wait for a replica): answered within 10 s.
+        assert took < 10.0, (status, took, started - killed_at[0])
+    assert any(o[0] == 503 and o[3] > killed_at[0] + 1 for o in outcomes), "no request met the replacement gap"
     # The old gang is gone: none of its processes live, /dev/shm back to its count.
     wait_for_condition(lambda: not any(pid_alive(p) for p in old_pids), timeout=60)
     wait_for_condition(lambda: len(glob.glob("/dev/shm/*")) <= shm_before, timeout=60)

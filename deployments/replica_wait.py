@@ -1,0 +1,88 @@
+"""The ingress's bound on waiting for a replica while a model has none up.
+
+Serve's router holds a request for as long as no replica of its deployment is running: while a gang
+is replaced after a lost rank (~20 s on the test cluster) or a lone replica restarts, clients see a
+hang. `placed` waits for the router to give the call to a replica; past `limits.replica_wait_s` it
+asks the controller whether the deployment has a RUNNING replica at all. None: the call is
+cancelled and answered 503 + Retry-After. Some: the replicas are busy, and the request keeps its
+place in the queue, which max_queued_requests already bounds (a busy model sheds there, not here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional
+
+from app.errors import ReplicaUnavailable
+
+logger = logging.getLogger("ray.serve")
+
+_CENSUS_MAX_AGE_S = 1.0  # one controller read a second per ingress process, and only while calls wait
+
+
+class ReplicaCensus:
+    """RUNNING replicas per (application, deployment), read from the controller (`serve.status()`,
+    Serve's public status API) at most once per max_age_s and shared by every waiting call."""
+
+    def __init__(self, max_age_s: float = _CENSUS_MAX_AGE_S):
+        self.max_age_s = max_age_s
+        self._read_at = float("-inf")
+        self._counts: dict[tuple[str, str], int] = {}
+        self._pending: Optional[asyncio.Future] = None
+
+    async def running(self, app: str, deployment: str) -> int:
+        if time.monotonic() - self._read_at > self.max_age_s:
+            if self._pending is None:  # one read in flight; the other waiters share it
+                self._pending = asyncio.ensure_future(asyncio.to_thread(self.read))
+            pending = self._pending
+            try:
+                self._counts = await asyncio.shield(pending)
+                self._read_at = time.monotonic()
+            finally:
+                if self._pending is pending and pending.done():
+                    self._pending = None
+        return self._counts.get((app, deployment), 0)
+
+    @staticmethod
+    def read() -> dict[tuple[str, str], int]:
+        from ray import serve
+
+        try:
+            status = serve.status()
+        except Exception as e:  # noqa: BLE001 - an unreadable controller counts as no replica
+            logger.warning("replica census: serve.status() failed: %r", e)
+            return {}
+        return {(a, d): int(sum(n for state, n in ds.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+                for a, app in status.applications.items() for d, ds in app.deployments.items()}
+
+
+CENSUS = ReplicaCensus()
+
+
+async def placed(response: Any, handle: Any, wait_s: Optional[float], census: ReplicaCensus = CENSUS) -> None:
+    """Return once Serve's router has given `response`'s call to a replica of `handle`'s deployment;
+    ReplicaUnavailable (503) if it waited wait_s and the deployment has no RUNNING replica.
+
+    The replica is cached on the response, so awaiting or iterating it afterwards costs nothing
+    more. `_fetch_future_result_async` is how Serve's own `await response` gets its replica (Ray
+    2.60, pinned); a Ray without it skips the bound rather than failing the request."""
+    fetch = getattr(response, "_fetch_future_result_async", None)
+    if wait_s is None or fetch is None:
+        return
+    assignment = asyncio.ensure_future(fetch())
+    try:
+        while True:
+            done, _ = await asyncio.wait({assignment}, timeout=wait_s)  # waits without cancelling it
+            if done:
+                assignment.result()
+                return
+            if await census.running(handle.app_name, handle.deployment_name) == 0:
+                response.cancel()
+                raise ReplicaUnavailable(
+                    f"no replica of {handle.deployment_name} is running (starting or being replaced) "
+                    f"and none took the request within {wait_s:g} s; retry shortly")
+    finally:
+        if not assignment.done():
+            assignment.cancel()
