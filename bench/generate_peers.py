@@ -153,7 +153,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def gang_parallel(peer: str, ns) -> dict:
-    """`ours-tp2` -> a forced deepspeed_tp plan of 2 ranks (`ours-pp2`: 2 pipeline stages); `ours`: {}."""
+    """`ours-tp2` -> a forced deepspeed_tp plan of 2 ranks (`ours-pp2`: 2 pipeline stages); `ours`: {}.
+    A suffix `@N` (`ours@64`, `ours-tp2@64`) sets the running set and `+di` the front end, both read
+    by `start_ours`."""
+    peer = peer.removesuffix("+di").partition("@")[0]
     if peer == "ours":
         return {}
     kind, n = peer.removeprefix("ours-")[:2], int(peer.removeprefix("ours-")[2:])
@@ -162,10 +165,11 @@ def gang_parallel(peer: str, ns) -> dict:
             "devices": {"kind": "gpu" if ns.device == "cuda" else "cpu", "per_node": n}}
 
 
-def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | None = None) -> subprocess.Popen:
+def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | None = None,
+               max_running: int | None = None, direct_ingress: bool = False) -> subprocess.Popen:
     g = dict(raw.get("generation") or {})
-    if ns.max_running is not None:  # a lever of the benchmark: the engine's running set
-        g["max_running_sequences"] = ns.max_running
+    if max_running is not None:  # a lever of the benchmark: the engine's running set
+        g["max_running_sequences"] = max_running
     spec = {"name": MODEL, "source": {"kind": "local_dir", "path": str(model_dir)}, "task": "generate",
             "max_seq_len": raw["max_seq_len"], "dtype": ns.dtype, "device": ns.device, "generation": g,
             "deployment": {"num_cpus": 1, "num_gpus": 1 if ns.device == "cuda" else 0,
@@ -180,7 +184,11 @@ def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | 
     path.write_text(yaml.safe_dump(cfg))
     # Modules, not console scripts: on the GPU machine the carried packages are on PYTHONPATH only.
     return subprocess.Popen([sys.executable, "-m", "ray.serve.scripts", "run", str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+                                 # `+di`: the README's front end (HAProxy, the ingress replica serving
+                                 # HTTP itself: one Ray hop per token instead of two), else Serve's proxy.
+                                 **({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+                                    if direct_ingress else {})})
 
 
 def start_transformers(model_dir: Path, raw: dict, ns, port: int, log) -> subprocess.Popen:
@@ -238,7 +246,9 @@ def copy_bandwidth_bytes_per_s() -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "bench" / "generate_cpu.yaml"))
-    ap.add_argument("--peers", default="ours,transformers,static")
+    ap.add_argument("--peers", default="ours,transformers,static",
+                    help="comma-separated; ours@N: ours with N running sequences; ours+di: behind HAProxy "
+                         "with direct ingress (the README's command), not Serve's Python proxy")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--prompt-tokens", default="32,256")
@@ -311,7 +321,9 @@ def main() -> int:
         log_path = work_dir / f"{peer}.log"
         with open(log_path, "w") as log:
             if ours:
-                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(peer, ns))
+                at = peer.removesuffix("+di").partition("@")[2]
+                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(peer, ns),
+                                  int(at) if at else ns.max_running, direct_ingress=peer.endswith("+di"))
             else:
                 proc = start_transformers(model_dir, raw, ns, ns.port, log)
             try:
@@ -327,12 +339,14 @@ def main() -> int:
                 stop(proc)
                 if ours:
                     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+                    if peer.endswith("+di"):  # `ray stop` can leave Serve's HAProxy holding the port
+                        subprocess.run(["pkill", "-9", "haproxy"], capture_output=True)
     for r in rates:
         by = {x["engine"]: x for x in rows if x["rate"] == r}
-        if "ours" in by:
-            ratios = [f"{by['ours']['output_tokens_per_s'] / by[p]['output_tokens_per_s']:.2f}x {p}"
-                      for p in by if p != "ours" and by[p]["output_tokens_per_s"]]
-            print(f"  ours output tokens/s at {r:g} req/s: " + ", ".join(ratios))
+        for o in (p for p in by if p.startswith("ours")):
+            ratios = [f"{by[o]['output_tokens_per_s'] / by[p]['output_tokens_per_s']:.2f}x {p}"
+                      for p in by if not p.startswith("ours") and by[p]["output_tokens_per_s"]]
+            print(f"  {o} output tokens/s at {r:g} req/s: " + ", ".join(ratios))
     if ns.out:
         out = Path(ns.out)
         out.mkdir(parents=True, exist_ok=True)

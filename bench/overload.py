@@ -78,14 +78,30 @@ def open_loop(url: str, rate: float, seconds: float, workdir: Path, generators: 
 
 
 def summarize(results: list[list]) -> dict[str, Any]:
-    statuses = [s for _, s, _, _ in results]
-    accepted = [lat for _, s, lat, _ in results if s == 200]
-    rejected = [(s, lat, ra) for _, s, lat, ra in results if s != 200]
+    statuses = [s for _, s, *_ in results]
+    accepted = [lat for _, s, lat, *_ in results if s == 200]
+    rejected = [(s, lat, ra) for _, s, lat, ra, *_ in results if s != 200]
     shed = [lat for s, lat, ra in rejected if s == 503 and ra]
     counts: dict[str, int] = {}
     for s in statuses:
         counts[str(s)] = counts.get(str(s), 0) + 1
+    # Accepted latency by second of arrival: a tail spread over the whole storm is the steady
+    # state's; one at its start is a transient (a replica scaling out, queues filling).
+    by_second: dict[int, list[float]] = {}
+    for t, s, lat, *_ in results:
+        if s == 200:
+            by_second.setdefault(int(t), []).append(lat)
+    timeline = [[sec, len(v), round(quantile_ms(v, 50)), round(quantile_ms(v, 99))]
+                for sec, v in sorted(by_second.items())]
+    # Where an accepted request's time went: at the model replica (its queue wait, the gather's,
+    # and the batch: the timing headers) or before it (HTTP, ingress, the caller's handle queue).
+    split = [(row[2], row[4] / 1e3) for row in results if row[1] == 200 and len(row) > 4 and row[4] is not None]
+    replica_s = [srv for _, srv in split]
+    before_s = [max(0.0, lat - srv) for lat, srv in split]
     return {"requests": len(results), "counts": counts, "accepted": len(accepted), "rejected": len(rejected),
+            "accepted_by_second": timeline,
+            "replica_p50_ms": quantile_ms(replica_s, 50), "replica_p99_ms": quantile_ms(replica_s, 99),
+            "before_replica_p50_ms": quantile_ms(before_s, 50), "before_replica_p99_ms": quantile_ms(before_s, 99),
             "shed_503_retry_after": len(shed),
             "accepted_p50_ms": quantile_ms(accepted, 50), "accepted_p99_ms": quantile_ms(accepted, 99),
             "shed_p50_ms": quantile_ms(shed, 50), "shed_p99_ms": quantile_ms(shed, 99),
@@ -149,7 +165,8 @@ def without_packaged_model(config: dict[str, Any], tokenizer: str) -> dict[str, 
 def print_table(r: dict[str, Any]) -> None:
     h, t = r["half"], r["ten"]
     print(f"\ningress replicas {r['ingress_replicas']}, max_queue_wait_ms {r['max_queue_wait_ms']}, "
-          f"model max_ongoing {r['max_ongoing']}, max_queued {r['max_queued']}, backend {r['backend']}, {r['multiple']:g}x")
+          f"model max_ongoing {r['max_ongoing']}, max_queued {r['max_queued']}, backend {r['backend']}, {r['multiple']:g}x"
+          + (f", env {' '.join(r['env'])}" if r.get("env") else ""))
     print(f"HTTP floor (no model work): {r['http_floor_rps']:.0f} req/s; capacity {r['capacity_rps']:.1f} req/s; "
           f"{r['multiple']:g}x offered {r['offered_10x_rps']:.0f} req/s with {r['generators']} generator process(es)")
     print("| load | requests | accepted | p50 / p99 accepted ms | 503+Retry-After | 503 p99 ms | other |")
@@ -158,6 +175,12 @@ def print_table(r: dict[str, Any]) -> None:
         other = {k: v for k, v in s["counts"].items() if k not in ("200", "503")}
         print(f"| {name} | {s['requests']} | {s['accepted']} | {s['accepted_p50_ms']:.0f} / {s['accepted_p99_ms']:.0f} "
               f"| {s['shed_503_retry_after']} | {s['shed_p99_ms']:.0f} | {other or '-'} |")
+    print(f"{r['multiple']:g}x accepted by second of arrival (s: n, p50 / p99 ms): "
+          + ", ".join(f"{sec}: {n}, {p50} / {p99}" for sec, n, p50, p99 in t.get("accepted_by_second", [])))
+    for name, s in (("half", h), (f"{r['multiple']:g}x", t)):
+        if "replica_p99_ms" in s:
+            print(f"{name}: at the model replica (queue + batch) p50 / p99 {s['replica_p50_ms']:.0f} / {s['replica_p99_ms']:.0f} ms; "
+                  f"before it (HTTP, ingress, handle queue) {s['before_replica_p50_ms']:.0f} / {s['before_replica_p99_ms']:.0f} ms")
     ratio = t["accepted_p99_ms"] / h["accepted_p99_ms"] if h["accepted_p99_ms"] else float("nan")
     print(f"accepted p99 at {r['multiple']:g}x / at half load: {ratio:.2f}; recovered in {r['recovered_s']:.2f} s; "
           f"ingress replaced: {r['ingress_replaced']}")
@@ -181,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ongoing", type=int, help="experiment: every model's deployment.max_ongoing_requests")
     p.add_argument("--max-queued", type=int, help="experiment: every model's autoscaling.max_queued_requests")
     p.add_argument("--backend", help="experiment: every encoder's backend (torch, onnxruntime, openvino, auto)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="experiment: an env var of the application's runtime_env (e.g. Serve's "
+                        "RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S, read by the ingress's router); repeatable")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
 
@@ -188,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.tokenizer:
         config = without_packaged_model(config, a.tokenizer)
     args = config["applications"][0]["args"]
+    env_vars = config["applications"][0].setdefault("runtime_env", {}).setdefault("env_vars", {})
+    for kv in a.env:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--env {kv!r}: expected KEY=VALUE")
+        env_vars[key] = value
     if a.ingress_replicas:
         args.setdefault("ingress", {})["num_replicas"] = a.ingress_replicas
     if a.max_queue_wait_ms:
@@ -224,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = {"generators": a.generators, "cpus": os.cpu_count(), "ingress_replicas": a.ingress_replicas or 1,
                   "max_queue_wait_ms": a.max_queue_wait_ms, "max_ongoing": a.max_ongoing, "max_queued": a.max_queued,
-                  "backend": a.backend,
+                  "backend": a.backend, "env": a.env,
                   "http_floor_rps": http_floor(url, Path(tmp), a.generators)}
         result.update(measure(url, Path(tmp), capacity_rps(url), a.generators, a.multiple))
     result["ingress_replaced"] = processes_titled("ServeReplica:batchserve:Ingress") != ingress_before
