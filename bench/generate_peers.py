@@ -152,11 +152,16 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def parse_ours(peer: str) -> tuple[str, int | None, bool]:
+    """`ours[-tp2|-pp2][@N][+di]` -> (the base name, N running sequences or None, behind HAProxy
+    with direct ingress)."""
+    base, _, at = peer.removesuffix("+di").partition("@")
+    return base, int(at) if at else None, peer.endswith("+di")
+
+
 def gang_parallel(peer: str, ns) -> dict:
     """`ours-tp2` -> a forced deepspeed_tp plan of 2 ranks (`ours-pp2`: 2 pipeline stages); `ours`: {}.
-    A suffix `@N` (`ours@64`, `ours-tp2@64`) sets the running set and `+di` the front end, both read
-    by `start_ours`."""
-    peer = peer.removesuffix("+di").partition("@")[0]
+    `peer` is a base name (`parse_ours`)."""
     if peer == "ours":
         return {}
     kind, n = peer.removeprefix("ours-")[:2], int(peer.removeprefix("ours-")[2:])
@@ -321,9 +326,10 @@ def main() -> int:
         log_path = work_dir / f"{peer}.log"
         with open(log_path, "w") as log:
             if ours:
-                at = peer.removesuffix("+di").partition("@")[2]
-                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(peer, ns),
-                                  int(at) if at else ns.max_running, direct_ingress=peer.endswith("+di"))
+                base, max_running, direct_ingress = parse_ours(peer)
+                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(base, ns),
+                                  max_running if max_running is not None else ns.max_running,
+                                  direct_ingress=direct_ingress)
             else:
                 proc = start_transformers(model_dir, raw, ns, ns.port, log)
             try:
@@ -339,7 +345,7 @@ def main() -> int:
                 stop(proc)
                 if ours:
                     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-                    if peer.endswith("+di"):  # `ray stop` can leave Serve's HAProxy holding the port
+                    if direct_ingress:  # `ray stop` can leave Serve's HAProxy holding the port
                         subprocess.run(["pkill", "-9", "haproxy"], capture_output=True)
     for r in rates:
         by = {x["engine"]: x for x in rows if x["rate"] == r}

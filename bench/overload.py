@@ -95,7 +95,7 @@ def summarize(results: list[list]) -> dict[str, Any]:
                 for sec, v in sorted(by_second.items())]
     # Where an accepted request's time went: at the model replica (its queue wait, the gather's,
     # and the batch: the timing headers) or before it (HTTP, ingress, the caller's handle queue).
-    split = [(row[2], row[4] / 1e3) for row in results if row[1] == 200 and len(row) > 4 and row[4] is not None]
+    split = [(lat, server_ms / 1e3) for _, s, lat, _, server_ms in results if s == 200 and server_ms is not None]
     replica_s = [srv for _, srv in split]
     before_s = [max(0.0, lat - srv) for lat, srv in split]
     return {"requests": len(results), "counts": counts, "accepted": len(accepted), "rejected": len(rejected),
@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queued", type=int, help="experiment: every model's autoscaling.max_queued_requests")
     p.add_argument("--backend", help="experiment: every encoder's backend (torch, onnxruntime, openvino, auto)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="experiment: an env var of the application's runtime_env (e.g. Serve's "
-                        "RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S, read by the ingress's router); repeatable")
+                   help="experiment: an env var of the application's runtime_env, read by every replica "
+                        "(Serve's RAY_SERVE_* constants; the router's backoff is set by the builder's "
+                        "request_router_config, which this does not override); repeatable")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
 
