@@ -152,11 +152,12 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def parse_ours(peer: str) -> tuple[str, int | None, bool]:
-    """`ours[-tp2|-pp2][@N][+di]` -> (the base name, N running sequences or None, behind HAProxy
-    with direct ingress)."""
-    base, _, at = peer.removesuffix("+di").partition("@")
-    return base, int(at) if at else None, peer.endswith("+di")
+def parse_ours(peer: str) -> tuple[str, int | None, bool, float | None]:
+    """`ours[-tp2|-pp2][@N][~I][+di]` -> (the base name, N running sequences or None, behind HAProxy
+    with direct ingress, I ms of generation.stream_interval_ms or None: the config's)."""
+    rest, _, interval = peer.removesuffix("+di").partition("~")
+    base, _, at = rest.partition("@")
+    return base, int(at) if at else None, peer.endswith("+di"), float(interval) if interval else None
 
 
 def gang_parallel(peer: str, ns) -> dict:
@@ -171,10 +172,13 @@ def gang_parallel(peer: str, ns) -> dict:
 
 
 def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | None = None,
-               max_running: int | None = None, direct_ingress: bool = False) -> subprocess.Popen:
+               max_running: int | None = None, direct_ingress: bool = False,
+               stream_interval_ms: float | None = None) -> subprocess.Popen:
     g = dict(raw.get("generation") or {})
     if max_running is not None:  # a lever of the benchmark: the engine's running set
         g["max_running_sequences"] = max_running
+    if stream_interval_ms is not None:  # and how often a stream sends its new tokens
+        g["stream_interval_ms"] = stream_interval_ms
     spec = {"name": MODEL, "source": {"kind": "local_dir", "path": str(model_dir)}, "task": "generate",
             "max_seq_len": raw["max_seq_len"], "dtype": ns.dtype, "device": ns.device, "generation": g,
             "deployment": {"num_cpus": 1, "num_gpus": 1 if ns.device == "cuda" else 0,
@@ -252,8 +256,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "bench" / "generate_cpu.yaml"))
     ap.add_argument("--peers", default="ours,transformers,static",
-                    help="comma-separated; ours@N: ours with N running sequences; ours+di: behind HAProxy "
-                         "with direct ingress (the README's command), not Serve's Python proxy")
+                    help="comma-separated; ours@N: ours with N running sequences; ours~I: streams send at most "
+                         "every I ms (generation.stream_interval_ms); ours+di: behind HAProxy with direct "
+                         "ingress (the README's command), not Serve's Python proxy")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--prompt-tokens", default="32,256")
@@ -326,10 +331,10 @@ def main() -> int:
         log_path = work_dir / f"{peer}.log"
         with open(log_path, "w") as log:
             if ours:
-                base, max_running, direct_ingress = parse_ours(peer)
+                base, max_running, direct_ingress, interval = parse_ours(peer)
                 proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(base, ns),
                                   max_running if max_running is not None else ns.max_running,
-                                  direct_ingress=direct_ingress)
+                                  direct_ingress=direct_ingress, stream_interval_ms=interval)
             else:
                 proc = start_transformers(model_dir, raw, ns, ns.port, log)
             try:
@@ -338,6 +343,7 @@ def main() -> int:
                 for r in rates:
                     records, wall = asyncio.run(run_http(url, MODEL if ours else str(model_dir), works[r]))
                     show(summarise(peer, r, records, wall, ns.sla_ttft_ms))
+                    save(ns.out, meta, rows)  # each row as it comes: a run cut off at its time limit keeps its rows
             except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the others still run
                 print(f"{peer}: {type(e).__name__}: {e}; last log lines:", flush=True)
                 print("".join(log_path.read_text().splitlines(keepends=True)[-15:]), flush=True)
@@ -353,12 +359,16 @@ def main() -> int:
             ratios = [f"{by[o]['output_tokens_per_s'] / by[p]['output_tokens_per_s']:.2f}x {p}"
                       for p in by if not p.startswith("ours") and by[p]["output_tokens_per_s"]]
             print(f"  {o} output tokens/s at {r:g} req/s: " + ", ".join(ratios))
+    save(ns.out, meta, rows)
     if ns.out:
-        out = Path(ns.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-        plot_throughput_vs_ttft(rows, out / "throughput_vs_ttft.png")
+        plot_throughput_vs_ttft(rows, Path(ns.out) / "throughput_vs_ttft.png")
     return 0
+
+
+def save(out: str | None, meta: dict, rows: list[dict]) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ class GeneratorServer:
         stream = self.engine.stream(ids, params, bulk=call.traffic_class == "bulk")
         decoder = self.text.decoder(call.stop)
         produced, last, started = 0, None, False
+        interval = g.stream_interval_ms / 1000.0
         try:
             async with asyncio.timeout(g.request_timeout_s):
                 first = await anext(stream)  # admission errors surface here, before anything is sent
@@ -145,6 +146,10 @@ class GeneratorServer:
                         return
                     if text:
                         yield GenEvent(text)
+                        if interval:
+                            # The tokens of the steps run meanwhile come as one event (the engine's
+                            # outputs are cumulative): one message down the stream instead of several.
+                            await asyncio.sleep(interval)
                     event = await anext(stream)
         except TimeoutError:
             yield GenEvent(error={"message": f"generation exceeded {g.request_timeout_s:g} s", "type": "timeout"},

@@ -318,6 +318,11 @@ class GenerationOptions(_Strict):
     page_size: int = Field(32, ge=8, le=1024)  # KV cache block, in tokens
     # A generation (stream or not) that runs longer ends with an error: no request holds a sequence forever.
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
+    # After its first token (sent at once), a stream sends what it has at most this often. Each
+    # message costs the replica Python work (Serve's stream, serialisation, detokenising) that takes
+    # the interpreter from the decoding loop; Ray Serve LLM merges its streams the same way
+    # (stream_batching_interval_ms, 50 by default). 0: every step's tokens as they come.
+    stream_interval_ms: float = Field(50.0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _consistent(self) -> "GenerationOptions":

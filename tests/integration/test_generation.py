@@ -9,6 +9,7 @@ import asyncio
 
 import httpx
 import openai
+import orjson
 import pytest
 import torch
 import yaml
@@ -74,6 +75,25 @@ def test_openai_client_completions_and_chat_whole_and_streamed(client):
     assert text == chat.choices[0].message.content  # same seed, same text, streamed or not
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
+
+
+def test_a_stream_merges_the_tokens_of_one_interval_into_one_message(gen_url):
+    """After its first token a stream sends at most every `stream_interval_ms` (50 by default): a
+    tiny model's steps take a few ms, so a 48-token stream arrives in fewer messages than tokens,
+    with the same text and counts as the whole answer."""
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 48, "temperature": 0}
+    whole = httpx.post(f"{gen_url}/v1/completions", json=body, timeout=60).json()
+    texts, usage = [], None
+    with httpx.stream("POST", f"{gen_url}/v1/completions", timeout=60,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                ev = orjson.loads(line[5:])
+                usage = ev.get("usage") or usage
+                texts += [c["text"] for c in ev["choices"] if c.get("text")]
+    assert "".join(texts) == whole["choices"][0]["text"]
+    assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] >= 16
+    assert len(texts) < usage["completion_tokens"], (len(texts), usage)
 
 
 def test_greedy_equals_generate_for_concurrent_prompts_of_different_lengths(gen_url, reference):
