@@ -1,5 +1,6 @@
 import numpy as np
 
+from bench.generate_peers import parse_ours
 from bench.stats import summarize
 from app.quantiles import percentile
 
@@ -18,3 +19,9 @@ def test_summary():
     assert s.requests == 5 and s.throughput_rps == 2.0 and s.items_per_s == 4.0
     assert abs(s.p50_ms - np.percentile(np.array(lat) * 1000, 50)) < 1e-9
     assert s.mean_batch_size == 2.0
+
+
+def test_peer_names_say_the_running_set_the_stream_interval_and_the_front_end():
+    assert parse_ours("ours") == ("ours", None, False, None)
+    assert parse_ours("ours~0") == ("ours", None, False, 0.0)  # 0 is a value (every step), not "the config's"
+    assert parse_ours("ours-tp2@64~250+di") == ("ours-tp2", 64, True, 250.0)
