@@ -306,6 +306,7 @@ def main() -> int:
             # One decoding step reads every weight once; TPOT p50 is the typical step's time.
             row["bandwidth_fraction"] = weight_bytes / (row["tpot_p50_ms"] / 1000.0) / bw
         rows.append(row)
+        save(ns.out, meta, rows)  # each row as it comes: a run cut off at its time limit keeps its rows
         print(f"{row['engine']:<13}{row['rate']:>6g}{row['requests']:>6}{row['ok']:>6}{row['output_tokens_per_s']:>9.1f}"
               f"{fmt(row['ttft_p50_ms'], '.0f'):>10}{fmt(row['ttft_p99_ms'], '.0f'):>10}{fmt(row['tpot_p50_ms'], '.1f'):>10}"
               f"{fmt(row['tpot_p99_ms'], '.1f'):>10}{row['sla_met']:>6.2f}"
@@ -343,7 +344,6 @@ def main() -> int:
                 for r in rates:
                     records, wall = asyncio.run(run_http(url, MODEL if ours else str(model_dir), works[r]))
                     show(summarise(peer, r, records, wall, ns.sla_ttft_ms))
-                    save(ns.out, meta, rows)  # each row as it comes: a run cut off at its time limit keeps its rows
             except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the others still run
                 print(f"{peer}: {type(e).__name__}: {e}; last log lines:", flush=True)
                 print("".join(log_path.read_text().splitlines(keepends=True)[-15:]), flush=True)
@@ -359,7 +359,7 @@ def main() -> int:
             ratios = [f"{by[o]['output_tokens_per_s'] / by[p]['output_tokens_per_s']:.2f}x {p}"
                       for p in by if not p.startswith("ours") and by[p]["output_tokens_per_s"]]
             print(f"  {o} output tokens/s at {r:g} req/s: " + ", ".join(ratios))
-    save(ns.out, meta, rows)
+    save(ns.out, meta, rows)  # also when no row came (every peer failed): the meta says what was tried
     if ns.out:
         plot_throughput_vs_ttft(rows, Path(ns.out) / "throughput_vs_ttft.png")
     return 0
