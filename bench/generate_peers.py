@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 from pathlib import Path
 
 import httpx
@@ -152,12 +153,23 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def parse_ours(peer: str) -> tuple[str, int | None, bool, float | None]:
-    """`ours[-tp2|-pp2][@N][~I][+di]` -> (the base name, N running sequences or None, behind HAProxy
-    with direct ingress, I ms of generation.stream_interval_ms or None: the config's)."""
-    rest, _, interval = peer.removesuffix("+di").partition("~")
+class OursPeer(NamedTuple):
+    base: str  # ours, ours-tp2, ours-pp2
+    max_running: int | None  # generation.max_running_sequences, or None: the config's
+    direct_ingress: bool  # behind HAProxy with direct ingress
+    stream_interval_ms: float | None  # generation.stream_interval_ms, or None: the config's
+    in_process: bool  # generation.engine_process off: the engine in the replica's own process
+
+
+def parse_ours(peer: str) -> OursPeer:
+    """`ours[-tp2|-pp2][@N][~I][.inproc][+di]`: N running sequences, I ms of stream interval, the
+    engine in the replica's process, the README's HAProxy front end."""
+    rest = peer.removesuffix("+di")
+    in_process = rest.endswith(".inproc")
+    rest, _, interval = rest.removesuffix(".inproc").partition("~")
     base, _, at = rest.partition("@")
-    return base, int(at) if at else None, peer.endswith("+di"), float(interval) if interval else None
+    return OursPeer(base, int(at) if at else None, peer.endswith("+di"), float(interval) if interval else None,
+                    in_process)
 
 
 def gang_parallel(peer: str, ns) -> dict:
@@ -173,12 +185,14 @@ def gang_parallel(peer: str, ns) -> dict:
 
 def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | None = None,
                max_running: int | None = None, direct_ingress: bool = False,
-               stream_interval_ms: float | None = None) -> subprocess.Popen:
+               stream_interval_ms: float | None = None, in_process: bool = False) -> subprocess.Popen:
     g = dict(raw.get("generation") or {})
     if max_running is not None:  # a lever of the benchmark: the engine's running set
         g["max_running_sequences"] = max_running
     if stream_interval_ms is not None:  # and how often a stream sends its new tokens
         g["stream_interval_ms"] = stream_interval_ms
+    if in_process:  # and whether the engine has a process of its own (the shipped default)
+        g["engine_process"] = False
     spec = {"name": MODEL, "source": {"kind": "local_dir", "path": str(model_dir)}, "task": "generate",
             "max_seq_len": raw["max_seq_len"], "dtype": ns.dtype, "device": ns.device, "generation": g,
             "deployment": {"num_cpus": 1, "num_gpus": 1 if ns.device == "cuda" else 0,
@@ -258,7 +272,8 @@ def main() -> int:
     ap.add_argument("--peers", default="ours,transformers,static",
                     help="comma-separated; ours@N: ours with N running sequences; ours~I: streams send at most "
                          "every I ms (generation.stream_interval_ms); ours+di: behind HAProxy with direct "
-                         "ingress (the README's command), not Serve's Python proxy")
+                         "ingress (the README's command), not Serve's Python proxy; ours.inproc: the engine in the "
+                         "replica's own process (generation.engine_process: false)")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--prompt-tokens", default="32,256")
@@ -332,10 +347,11 @@ def main() -> int:
         log_path = work_dir / f"{peer}.log"
         with open(log_path, "w") as log:
             if ours:
-                base, max_running, direct_ingress, interval = parse_ours(peer)
-                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(base, ns),
-                                  max_running if max_running is not None else ns.max_running,
-                                  direct_ingress=direct_ingress, stream_interval_ms=interval)
+                o = parse_ours(peer)
+                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(o.base, ns),
+                                  o.max_running if o.max_running is not None else ns.max_running,
+                                  direct_ingress=o.direct_ingress, stream_interval_ms=o.stream_interval_ms,
+                                  in_process=o.in_process)
             else:
                 proc = start_transformers(model_dir, raw, ns, ns.port, log)
             try:
@@ -351,7 +367,7 @@ def main() -> int:
                 stop(proc)
                 if ours:
                     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-                    if direct_ingress:  # `ray stop` can leave Serve's HAProxy holding the port
+                    if o.direct_ingress:  # `ray stop` can leave Serve's HAProxy holding the port
                         subprocess.run(["pkill", "-9", "haproxy"], capture_output=True)
     for r in rates:
         by = {x["engine"]: x for x in rows if x["rate"] == r}

@@ -21,10 +21,9 @@ from ray import serve
 from app.config import CostConfig, ModelSpec
 from app.engine.startup import tune_process
 from app.errors import PayloadTooLarge, ServingError
-from app.kv_cache import free_memory_bytes, kv_budget, kv_bytes_per_token
 from app.metrics import GenerationMetrics
 from app.models.chat import GenerationText
-from app.models.loader import build_backbone, build_config, resolve_device, resolve_dtype
+from app.models.loader import build_config, resolve_device, resolve_dtype
 from app.planner import ParallelPlan
 from app.protocols.openai import GenerateCall, GenEvent
 
@@ -35,7 +34,8 @@ class GeneratorServer:
     def __init__(self, spec: ModelSpec, plan: ParallelPlan, cost: CostConfig):
         # Here, not at module level: transformers' continuous batching imports torch._dynamo (~2.5 s),
         # and every `serve run` builds the app (imports this module) before any replica starts.
-        from app.engine.generation import GenerationEngine, SamplingParams
+        from app.engine.engine_process import EngineProcess, build_engine
+        from app.engine.generation import SamplingParams
 
         self._sampling_params = SamplingParams
         t0 = time.perf_counter()
@@ -64,10 +64,10 @@ class GeneratorServer:
         else:
             device = resolve_device(spec)
             dtype = resolve_dtype(spec, device)
-            model = build_backbone(spec, len(self.text), device, dtype)
-            budget = kv_budget(free_memory_bytes(device), kv_bytes_per_token(model.config, dtype.itemsize),
-                               g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
-            self.engine = GenerationEngine(model, budget=budget, **engine_args)
+            if g.engine_process:  # the decoding loop in its own interpreter (app/engine/engine_process.py)
+                self.engine = EngineProcess(spec, len(self.text), engine_args)
+            else:
+                self.engine = build_engine(spec, len(self.text), engine_args)
         budget = self.engine.budget
         self.served_by = serve.get_replica_context().replica_id.unique_id
         self.node = ray.get_runtime_context().get_node_id()

@@ -323,6 +323,11 @@ class GenerationOptions(_Strict):
     # the interpreter from the decoding loop; Ray Serve LLM merges its streams the same way
     # (stream_batching_interval_ms, 50 by default). 0: every step's tokens as they come.
     stream_interval_ms: float = Field(50.0, ge=0, le=1000)
+    # The model, its KV cache and the decoding loop in a child process of the replica (as vLLM's
+    # engine core), so the streams' Python work in the replica stops taking the interpreter from the
+    # decoding loop; only token ids cross a pipe. One device (`replicated`) only: a gang's rank 0
+    # stays in the replica. False: all in the replica's process.
+    engine_process: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> "GenerationOptions":

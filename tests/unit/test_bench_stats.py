@@ -22,6 +22,8 @@ def test_summary():
 
 
 def test_peer_names_say_the_running_set_the_stream_interval_and_the_front_end():
-    assert parse_ours("ours") == ("ours", None, False, None)
-    assert parse_ours("ours~0") == ("ours", None, False, 0.0)  # 0 is a value (every step), not "the config's"
-    assert parse_ours("ours-tp2@64~250+di") == ("ours-tp2", 64, True, 250.0)
+    assert parse_ours("ours") == ("ours", None, False, None, False)
+    assert parse_ours("ours~0") == ("ours", None, False, 0.0, False)  # 0 is a value (every step), not "the config's"
+    assert parse_ours("ours-tp2@64~250+di") == ("ours-tp2", 64, True, 250.0, False)
+    assert parse_ours("ours@512~50.inproc") == ("ours", 512, False, 50.0, True)
+    assert parse_ours("ours.inproc+di").in_process and parse_ours("ours.inproc+di").direct_ingress

@@ -153,5 +153,6 @@ def test_generation_config_is_valid_and_bad_generators_are_named():
     assert "leaves no room" in _error({"models": [{**base, "generation": {"max_new_tokens": 256}}]})
     assert "default_max_tokens" in _error({"models": [{**base, "generation": {"default_max_tokens": 200}}]})
     assert spec.generation.stream_interval_ms == 50.0  # Ray Serve LLM's stream_batching_interval_ms
+    assert spec.generation.engine_process  # the decoding loop in its own process by default
     assert "stream_interval_ms" in _error({"models": [{**base, "generation": {"stream_interval_ms": -1}}]})
     assert "routed" in _error({"models": [base], "ingress": {"mode": "fused"}})
