@@ -19,6 +19,7 @@ from app.errors import PayloadTooLarge, ReplicaUnavailable
 from app.models.chat import GenerationText
 from app.models.loader import build_config
 from tests.helpers import ROOT
+from tests.unit.test_generation_engine import collect
 
 SPEC = ModelSpec.model_validate(
     yaml.safe_load((ROOT / "serve_config.generate.yaml").read_text())["applications"][0]["args"]["models"][0])
@@ -43,15 +44,6 @@ def proc(text):
 
 def prompts(n: int) -> list[list[int]]:
     return [[1000 + (7 * i + j) % 900 for j in range(3 + 11 * i % 60)] for i in range(n)]
-
-
-async def collect(engine, prompt, params, delay_s=0.0):
-    await asyncio.sleep(delay_s)
-    tokens, reason = [], None
-    async for ev in engine.stream(prompt, params):
-        tokens += ev.tokens
-        reason = ev.finish_reason
-    return tokens, reason
 
 
 async def run_all(engine, ps, params):
