@@ -289,9 +289,13 @@ def main() -> int:
     ap.add_argument("--ready-timeout-s", type=float, default=400)
     ap.add_argument("--max-running", type=int, default=None,
                     help="ours: generation.max_running_sequences instead of the config's")
+    ap.add_argument("--max-step-tokens", type=int, default=None,
+                    help="generation.max_step_tokens instead of the config's, for ours and transformers serve alike")
     ap.add_argument("--out", default=None)
     ns = ap.parse_args()
     raw = yaml.safe_load(Path(ns.config).read_text())["applications"][0]["args"]["models"][0]
+    if ns.max_step_tokens is not None:  # a lever of the benchmark: both servers' step budget (--cb-max-batch-tokens)
+        raw.setdefault("generation", {})["max_step_tokens"] = ns.max_step_tokens
     if ns.tokenizer:
         raw["source"]["tokenizer_path"] = str(Path(ns.tokenizer).resolve())
     spec = ModelSpec.model_validate(raw)
