@@ -33,6 +33,7 @@ import torch
 from app.engine.sampling import sampling_kwargs, seeded_sampling_processors
 from app.errors import InvalidInput, ModelFailure, Overloaded, PayloadTooLarge, ReplicaUnavailable
 from app.kv_cache import KVBudget
+from app.models import sequence_sdpa
 
 logger = logging.getLogger("ray.serve")
 
@@ -122,6 +123,9 @@ class GenerationEngine:
             # 64; bench.profile_generate --sdp cudnn, docs/performance.md). A step's shapes change
             # every step (packed tokens, cached keys); flash and memory-efficient SDPA serve them.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        else:
+            # Attention per sequence, not over the whole packed step (app/models/sequence_sdpa.py).
+            sequence_sdpa.install()
         self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         # Always argmax in the manager; temperature, top-p and the seeded noise come first (sampling.py).
         # A step that is graphed, compiled or prepared ahead runs every sampling pass (sampling.py).

@@ -1,0 +1,89 @@
+"""SDPA one sequence at a time for the continuous-batching manager's steps on CPU.
+
+The manager packs every running sequence into one SDPA call with a block-diagonal mask
+(transformers' `sdpa_attention_forward` with its paged cache), so a step computes the scores of
+every query against every running sequence's keys and throws the off-diagonal blocks away: its
+attention grows with the square of the running sequences. CPU has no varlen kernel to avoid
+that (CUDA's flash kernels are one). Here each sequence's queries meet only its own keys, through
+the mask's own diagonal block, so the result is the packed call's without its masked work. On 2
+cores, attention (SDPA and the grouped-head copies) took 62 % of a served step (session 25).
+
+Installed by overriding transformers' "sdpa" entry; calls that are not a paged-cache step on
+CPU go to transformers' own function unchanged. `BATCHSERVE_SEQUENCE_SDPA=0` in the replica's
+environment (`runtime_env.env_vars`) leaves transformers' packed call in place: the benchmark's
+before/after lever.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+
+ENABLE_ENV = "BATCHSERVE_SEQUENCE_SDPA"
+_original: Optional[Callable[..., Any]] = None
+
+
+def _layer_value(value: Any, module: torch.nn.Module) -> Any:
+    """The manager passes some arguments per layer type (full / sliding attention): this layer's."""
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        return next(iter(value.values()))
+    layer_types = getattr(module.config, "layer_types", None)
+    return value[layer_types[module.layer_idx]]
+
+
+def sequence_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                          scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                          cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if (not isinstance(cache, PagedAttentionCache) or query.device.type != "cpu" or cu_q is None or cu_k is None
+            or attention_mask is None or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        if _original is None:  # called without install(): transformers' function is the one to fall back on
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward as fallback
+        else:
+            fallback = _original
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                         is_causal=is_causal, cache=cache, **kwargs)
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
+    mask = _layer_value(attention_mask, module)
+    q_bounds = _layer_value(cu_q, module).tolist()
+    k_bounds = _layer_value(cu_k, module).tolist()
+    gqa = query.shape[1] != key.shape[1]
+    out = query.new_zeros(query.shape)  # rows past the last sequence (padding) stay zero
+    for i in range(len(q_bounds) - 1):
+        qs, qe, ks, ke = q_bounds[i], q_bounds[i + 1], k_bounds[i], k_bounds[i + 1]
+        if qe == qs:
+            continue
+        out[:, :, qs:qe] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke], attn_mask=mask[..., qs:qe, ks:ke],
+            dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install() -> None:
+    """Route transformers' "sdpa" attention through sequence_sdpa_forward (idempotent)."""
+    global _original
+    from transformers.modeling_utils import AttentionInterface
+
+    if os.environ.get(ENABLE_ENV, "1") == "0":
+        return
+
+    current = AttentionInterface._global_mapping["sdpa"]
+    if current is sequence_sdpa_forward:
+        return
+    _original = current
+    AttentionInterface.register("sdpa", sequence_sdpa_forward)
+
+
+def uninstall() -> None:
+    """Give transformers its own "sdpa" entry back."""
+    from transformers.modeling_utils import AttentionInterface
+
+    if _original is not None and AttentionInterface._global_mapping["sdpa"] is sequence_sdpa_forward:
+        AttentionInterface.register("sdpa", _original)
