@@ -183,6 +183,13 @@ def gang_parallel(peer: str, ns) -> dict:
             "devices": {"kind": "gpu" if ns.device == "cuda" else "cpu", "per_node": n}}
 
 
+def peer_threads(peer: str, ns) -> argparse.Namespace:
+    """`PEER/tT`: that peer's servers with T torch threads instead of --threads (a lever for a box
+    whose cores the serving processes share)."""
+    _, sep, t = peer.partition("/t")
+    return argparse.Namespace(**{**vars(ns), "threads": int(t)}) if sep else ns
+
+
 def start_ours(model_dir: Path, raw: dict, ns, port: int, log, parallel: dict | None = None,
                max_running: int | None = None, direct_ingress: bool = False,
                stream_interval_ms: float | None = None, in_process: bool = False) -> subprocess.Popen:
@@ -273,7 +280,8 @@ def main() -> int:
                     help="comma-separated; ours@N: ours with N running sequences; ours~I: streams send at most "
                          "every I ms (generation.stream_interval_ms); ours+di: behind HAProxy with direct "
                          "ingress (the README's command), not Serve's Python proxy; ours.inproc: the engine in the "
-                         "replica's own process (generation.engine_process: false)")
+                         "replica's own process (generation.engine_process: false); PEER/tT: that peer with T "
+                         "torch threads instead of --threads")
     ap.add_argument("--rates", default="1,2,4")
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--prompt-tokens", default="32,256")
@@ -348,16 +356,17 @@ def main() -> int:
             del model
             continue
         ours = peer.startswith("ours")
-        log_path = work_dir / f"{peer}.log"
+        ns_peer = peer_threads(peer, ns)
+        log_path = work_dir / f"{peer.replace('/', '_')}.log"
         with open(log_path, "w") as log:
             if ours:
-                o = parse_ours(peer)
-                proc = start_ours(model_dir, raw, ns, ns.port, log, gang_parallel(o.base, ns),
+                o = parse_ours(peer.partition("/t")[0])
+                proc = start_ours(model_dir, raw, ns_peer, ns.port, log, gang_parallel(o.base, ns),
                                   o.max_running if o.max_running is not None else ns.max_running,
                                   direct_ingress=o.direct_ingress, stream_interval_ms=o.stream_interval_ms,
                                   in_process=o.in_process)
             else:
-                proc = start_transformers(model_dir, raw, ns, ns.port, log)
+                proc = start_transformers(model_dir, raw, ns_peer, ns.port, log)
             try:
                 url = f"http://127.0.0.1:{ns.port}"
                 meta["ready_s"][peer] = wait_ready(url, MODEL if ours else str(model_dir), ns.ready_timeout_s, proc)
