@@ -9,7 +9,8 @@ A variant is comma-separated: kv=TOKENS (cache size), graph=0|1 (CUDA graphs; un
 manager decides), async=0|1 (the manager's double-buffered batch preparation), compile=LEVEL
 (the manager's default_compile_level), qpad=/kvpad=TOKENS (graph padding intervals), temp=T
 (seeded sampling at temperature T; default greedy), fusednorm=1 (bench/fused_norm.py; reverted
-after the variant), running=N (max_running_sequences). Each
+after the variant), running=N (max_running_sequences), seqattn=0 (transformers' packed attention
+instead of app/models/sequence_sdpa.py's per-sequence call). Each
 variant's tokens are compared with the first variant's of the same temperature: `same` is the
 fraction of streams whose tokens match. Each stream: a --prompt-tokens prompt, then --new-tokens
 tokens; TPOT = (last token - first token) / (tokens - 1), median over the streams. On CUDA the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +33,7 @@ import yaml
 from app.config import ModelSpec
 from app.engine.generation import GenerationEngine, SamplingParams
 from app.kv_cache import KVBudget, kv_bytes_per_token
+from app.models import sequence_sdpa
 
 
 async def tpot_ms(engine: GenerationEngine, streams: int, prompt: int, new: int, temperature: float = 0.0,
@@ -152,6 +155,9 @@ def main() -> int:
 
             saved_forwards = {m: m.__dict__.get("forward") for m in model.modules()}
             fuse_rms_norms(model)
+        if opts.get("seqattn") == "0":  # the engine's install() leaves transformers' packed call
+            os.environ[sequence_sdpa.ENABLE_ENV] = "0"
+            sequence_sdpa.uninstall()
         try:
             engine = GenerationEngine(model, [-1], KVBudget(tokens_kv, per_token, 0, 1.0, "bench"),
                                       max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
@@ -170,6 +176,7 @@ def main() -> int:
             write(ns, rows)
             continue
         finally:
+            os.environ.pop(sequence_sdpa.ENABLE_ENV, None)
             for m, fwd in saved_forwards.items():  # the next variant gets the model as loaded
                 if fwd is None:
                     m.__dict__.pop("forward", None)

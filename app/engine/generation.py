@@ -123,9 +123,9 @@ class GenerationEngine:
             # 64; bench.profile_generate --sdp cudnn, docs/performance.md). A step's shapes change
             # every step (packed tokens, cached keys); flash and memory-efficient SDPA serve them.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        else:
-            # Attention per sequence, not over the whole packed step (app/models/sequence_sdpa.py).
-            sequence_sdpa.install()
+        # Attention per sequence, not over the whole packed step (app/models/sequence_sdpa.py): the
+        # flash kernel's varlen call on CUDA, one SDPA call a sequence on CPU.
+        sequence_sdpa.install()
         self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         # Always argmax in the manager; temperature, top-p and the seeded noise come first (sampling.py).
         # A step that is graphed, compiled or prepared ahead runs every sampling pass (sampling.py).
