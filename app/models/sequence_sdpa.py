@@ -3,9 +3,9 @@
 The manager packs every running sequence into one SDPA call with a block-diagonal mask
 (transformers' `sdpa_attention_forward` with its paged cache), so a step computes the scores of
 every query against every running sequence's keys and throws the off-diagonal blocks away: its
-attention grows with the square of the running sequences (on one H200, 250 running sequences of
-~700 tokens and a 2,048-token prefill chunk are ~100 TFLOP a step, nearly all of it masked). Here
-each sequence's queries meet only its own keys:
+attention grows with the square of the running sequences (for the ~1.1 B bench model, 250 running
+sequences of ~700 tokens and a 2,048-token prefill chunk are ~100 TFLOP a step, nearly all of it
+masked). Here each sequence's queries meet only its own keys:
 
 - CUDA (bf16 / fp16): one call of PyTorch's variable-length flash kernel over the packed step
   (`aten._flash_attention_forward` with the step's cumulative lengths, causal aligned to the end
@@ -16,9 +16,9 @@ each sequence's queries meet only its own keys:
 
 Either way the result is the packed call's without its masked work. Installed by overriding
 transformers' "sdpa" entry; calls that are not a paged-cache step, and CUDA steps the flash kernel
-cannot take (fp32, head size over 256, before sm80), go to transformers' own function unchanged.
-`BATCHSERVE_SEQUENCE_SDPA=0` in the replica's environment (`runtime_env.env_vars`) leaves
-transformers' packed call in place: the benchmark's before/after lever.
+cannot take (fp32, head size over 256, before sm80, dropout), go to transformers' own function
+unchanged. `BATCHSERVE_SEQUENCE_SDPA=0` in the replica's environment (`runtime_env.env_vars`)
+leaves transformers' packed call in place: the benchmark's before/after lever.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def sequence_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     on_cpu = query.device.type == "cpu"
-    if (not isinstance(cache, PagedAttentionCache) or not (on_cpu or flash_varlen_fits(query)) or cu_q is None
-            or cu_k is None or attention_mask is None or kwargs.get("position_bias") is not None
+    if (not isinstance(cache, PagedAttentionCache) or not (on_cpu or (not dropout and flash_varlen_fits(query)))
+            or cu_q is None or cu_k is None or attention_mask is None or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None):
         if _original is None:  # called without install(): transformers' function is the one to fall back on
             from transformers.integrations.sdpa_attention import sdpa_attention_forward as fallback
