@@ -1,6 +1,6 @@
 import numpy as np
 
-from bench.generate_peers import parse_ours
+from bench.generate_servers import parse_ours
 from bench.stats import summarize
 from app.quantiles import percentile
 
