@@ -16,9 +16,10 @@ masked). Here each sequence's queries meet only its own keys:
 
 Either way the result is the packed call's without its masked work. Installed by overriding
 transformers' "sdpa" entry; calls that are not a paged-cache step, and CUDA steps the flash kernel
-cannot take (fp32, head size over 256, before sm80, dropout), go to transformers' own function
-unchanged. `BATCHSERVE_SEQUENCE_SDPA=0` in the replica's environment (`runtime_env.env_vars`)
-leaves transformers' packed call in place: the benchmark's before/after lever.
+cannot take (fp32, head size over 256, before sm80, dropout, a sliding-window layer), go to
+transformers' own function unchanged. `BATCHSERVE_SEQUENCE_SDPA=0` in the replica's environment
+(`runtime_env.env_vars`) leaves transformers' packed call in place: the benchmark's before/after
+lever.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def sequence_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     on_cpu = query.device.type == "cpu"
-    if (not isinstance(cache, PagedAttentionCache) or not (on_cpu or (not dropout and flash_varlen_fits(query)))
+    flash = not on_cpu and not dropout and not sliding_window_layer(module) and flash_varlen_fits(query)
+    if (not isinstance(cache, PagedAttentionCache) or not (on_cpu or flash)
             or cu_q is None or cu_k is None or attention_mask is None or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None):
         if _original is None:  # called without install(): transformers' function is the one to fall back on
@@ -76,6 +78,17 @@ def sequence_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke], attn_mask=mask[..., qs:qe, ks:ke],
             dropout_p=dropout, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def sliding_window_layer(module: torch.nn.Module) -> bool:
+    """Whether this layer attends to a sliding window, as the manager groups layers (its cache's
+    `group_layers_by_attn_type`): the window is in the manager's mask, which the flash call does
+    not read, so such a layer keeps transformers' call on CUDA."""
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return getattr(config, "sliding_window", None) is not None
+    return layer_types[module.layer_idx] != "full_attention"
 
 
 def flash_varlen_fits(query: torch.Tensor) -> bool:

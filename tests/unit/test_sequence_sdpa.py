@@ -70,3 +70,18 @@ def test_calls_outside_a_paged_step_go_to_transformers():
         sequence_sdpa.uninstall()
     torch.testing.assert_close(got, want)
     assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward
+
+
+def test_sliding_window_layers_are_told_apart_as_the_manager_groups_them():
+    from transformers import LlamaConfig, Qwen2Config
+
+    layer = _Layer(4, 2)
+    assert not sequence_sdpa.sliding_window_layer(layer)  # no layer types, no window: full attention
+    layer.config.sliding_window = 64  # a window and no layer types: the manager takes every layer as sliding
+    assert sequence_sdpa.sliding_window_layer(layer)
+    layer.config = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=64, max_window_layers=2)
+    kinds = [sequence_sdpa.sliding_window_layer(type("M", (), {"config": layer.config, "layer_idx": i})())
+             for i in range(4)]
+    assert kinds == [t == "sliding_attention" for t in layer.config.layer_types] and any(kinds) and not all(kinds)
+    layer.config = LlamaConfig(num_hidden_layers=2)
+    assert not sequence_sdpa.sliding_window_layer(layer)
