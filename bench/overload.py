@@ -165,7 +165,8 @@ def without_packaged_model(config: dict[str, Any], tokenizer: str) -> dict[str, 
 def print_table(r: dict[str, Any]) -> None:
     h, t = r["half"], r["ten"]
     print(f"\ningress replicas {r['ingress_replicas']}, max_queue_wait_ms {r['max_queue_wait_ms']}, "
-          f"model max_ongoing {r['max_ongoing']}, max_queued {r['max_queued']}, backend {r['backend']}, {r['multiple']:g}x"
+          f"model max_ongoing {r['max_ongoing']}, max_queued {r['max_queued']}, backend {r['backend']}, "
+          f"slot gate {r.get('slot_gate') or 'as configured'}, {r['multiple']:g}x"
           + (f", env {' '.join(r['env'])}" if r.get("env") else ""))
     print(f"HTTP floor (no model work): {r['http_floor_rps']:.0f} req/s; capacity {r['capacity_rps']:.1f} req/s; "
           f"{r['multiple']:g}x offered {r['offered_10x_rps']:.0f} req/s with {r['generators']} generator process(es)")
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ongoing", type=int, help="experiment: every model's deployment.max_ongoing_requests")
     p.add_argument("--max-queued", type=int, help="experiment: every model's autoscaling.max_queued_requests")
     p.add_argument("--backend", help="experiment: every encoder's backend (torch, onnxruntime, openvino, auto)")
+    p.add_argument("--slot-gate", choices=["on", "off"],
+                   help="experiment: ingress.admit_by_replica_slots (default: the config's, on unless it says)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="experiment: an env var of the application's runtime_env, read by every replica "
                         "(Serve's RAY_SERVE_* constants; the router's backoff is set by the builder's "
@@ -223,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         env_vars[key] = value
     if a.ingress_replicas:
         args.setdefault("ingress", {})["num_replicas"] = a.ingress_replicas
+    if a.slot_gate:
+        args.setdefault("ingress", {})["admit_by_replica_slots"] = a.slot_gate == "on"
     if a.max_queue_wait_ms:
         for model in args["models"]:
             model.setdefault("limits", {})["max_queue_wait_ms"] = a.max_queue_wait_ms
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = {"generators": a.generators, "cpus": os.cpu_count(), "ingress_replicas": a.ingress_replicas or 1,
                   "max_queue_wait_ms": a.max_queue_wait_ms, "max_ongoing": a.max_ongoing, "max_queued": a.max_queued,
-                  "backend": a.backend, "env": a.env,
+                  "backend": a.backend, "env": a.env, "slot_gate": a.slot_gate,
                   "http_floor_rps": http_floor(url, Path(tmp), a.generators)}
         result.update(measure(url, Path(tmp), capacity_rps(url), a.generators, a.multiple))
     result["ingress_replaced"] = processes_titled("ServeReplica:batchserve:Ingress") != ingress_before

@@ -23,6 +23,7 @@ from app.errors import ModelFailure, Overloaded, ServingError
 from app.gather import RequestGatherer
 from app.requests import InferenceResult, ModelInput
 from deployments.replica_wait import placed
+from deployments.slot_gate import SlotGate
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,10 +55,12 @@ class ModelClient(Protocol):
 class HandleClient:
     """A model server deployment behind a Serve handle (one extra hop, scaled on its own)."""
 
-    def __init__(self, name: str, handle: DeploymentHandle, replica_wait_s: Optional[float] = None):
+    def __init__(self, name: str, handle: DeploymentHandle, replica_wait_s: Optional[float] = None,
+                 gate: Optional[SlotGate] = None):
         self.name = name
         self.handle = handle
         self.replica_wait_s = replica_wait_s  # ModelSpec.effective_replica_wait_s()
+        self.gate = gate  # admission by replica slots (deployments/slot_gate.py), or None
 
     async def _send(self, inputs: ModelInput) -> InferenceResult:
         response = self.handle.infer.remote(inputs)
@@ -65,6 +68,17 @@ class HandleClient:
         return await response
 
     async def infer(self, inputs: ModelInput) -> InferenceResult:
+        # Bulk requests keep Serve's queue: the model server bounds them on their own (traffic
+        # classes), and they must not take the slots that realtime requests are admitted by.
+        if self.gate is None or inputs.traffic_class != "realtime":
+            return await self._infer(inputs)
+        await self.gate.enter()
+        try:
+            return await self._infer(inputs)
+        finally:
+            self.gate.exit()
+
+    async def _infer(self, inputs: ModelInput) -> InferenceResult:
         try:
             return await self._send(inputs)
         except RayActorError:

@@ -36,6 +36,7 @@ from deployments.clients import GatheringClient, HandleClient, LocalClient, Mode
 from deployments.generate_routes import GenerationRoutes, merged_generation_limits
 from deployments.http_app import api, json_response
 from deployments.http_edge import TRACEPARENT, mark_served
+from deployments.slot_gate import SlotGate
 from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.serve")
@@ -48,13 +49,19 @@ class Ingress(GenerationRoutes):
     def __init__(self, args: AppArgs, handles: dict[str, dict[str, DeploymentHandle]], vocab_sizes: dict[str, int]):
         gather = args.ingress.gather
         clients: dict[str, dict[str, ModelClient]] = {}
+        # Admission by replica slots (deployments/slot_gate.py): one-shot calls through a handle.
+        context = serve.get_replica_context() if args.ingress.admit_by_replica_slots else None
         for name, versions in handles.items():
             model = args.model(name)
             # Generators stream through their handle (generate_routes.py); merging is for one-shot calls.
             one_shot = model.task != "generate"
             specs = model.version_specs()
             clients[name] = {v: GatheringClient(specs[v], h, gather) if gather and one_shot
-                             else HandleClient(model.deployment_name(v), h, specs[v].effective_replica_wait_s())
+                             else HandleClient(model.deployment_name(v), h, specs[v].effective_replica_wait_s(),
+                                               None if context is None or not one_shot else
+                                               SlotGate(h.app_name, h.deployment_name,
+                                                        specs[v].effective_max_ongoing_requests(), context.deployment,
+                                                        specs[v].slot_queue_bound(args.ingress.num_replicas)))
                              for v, h in versions.items()}
         self.generators = {n: next(iter(vs.values())) for n, vs in handles.items() if args.model(n).task == "generate"}
         self._setup(args, clients, vocab_sizes)

@@ -19,12 +19,12 @@ from app.errors import ReplicaUnavailable
 
 logger = logging.getLogger("ray.serve")
 
-_CENSUS_MAX_AGE_S = 1.0  # one controller read a second per ingress process, and only while calls wait
+_CENSUS_MAX_AGE_S = 1.0  # one controller read a second per ingress process, and only while requests flow
 
 
 class ReplicaCensus:
     """RUNNING replicas per (application, deployment), read from the controller (`serve.status()`,
-    Serve's public status API) at most once per max_age_s and shared by every waiting call."""
+    Serve's public status API) at most once per max_age_s and shared by every caller."""
 
     def __init__(self, max_age_s: float = _CENSUS_MAX_AGE_S):
         self.max_age_s = max_age_s
@@ -33,17 +33,32 @@ class ReplicaCensus:
         self._pending: Optional[asyncio.Future] = None
 
     async def running(self, app: str, deployment: str) -> int:
-        if time.monotonic() - self._read_at > self.max_age_s:
-            if self._pending is None:  # one read in flight; the other waiters share it
-                self._pending = asyncio.ensure_future(asyncio.to_thread(self.read))
-            pending = self._pending
-            try:
-                self._counts = await asyncio.shield(pending)
-                self._read_at = time.monotonic()
-            finally:
-                if self._pending is pending and pending.done():
-                    self._pending = None
+        """The count, read again first when the last read is older than max_age_s."""
+        if self._stale():
+            await asyncio.shield(self._refresh())
         return self._counts.get((app, deployment), 0)
+
+    async def running_now(self, app: str, deployment: str) -> int:
+        """The last read's count without waiting for the controller (only the very first read is
+        awaited); a stale one is read again in the background. For every request's path."""
+        if self._read_at == float("-inf"):
+            await asyncio.shield(self._refresh())
+        elif self._stale():
+            self._refresh()
+        return self._counts.get((app, deployment), 0)
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._read_at > self.max_age_s
+
+    def _refresh(self) -> asyncio.Future:
+        """The read in flight, or a new one: one at a time, shared by every caller."""
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(self._read_async())
+        return self._pending
+
+    async def _read_async(self) -> None:
+        counts = await asyncio.to_thread(self.read)
+        self._counts, self._read_at = counts, time.monotonic()
 
     @staticmethod
     def read() -> dict[tuple[str, str], int]:

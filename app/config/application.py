@@ -64,6 +64,12 @@ class IngressOptions(_Strict):
     # Serve's Python proxy counts every request it is still assigning as queued, so a small bound
     # sheds ordinary bursts; 64 absorbs them (the overload runs used 2-4 behind HAProxy).
     max_queued_requests: int = Field(64, ge=-1)
+    # Routed, one handle call per request: each ingress replica sends a model version at most its
+    # share of the slots (max_ongoing_requests) of that version's RUNNING replicas, and answers
+    # realtime requests past it 503 + Retry-After at once, instead of holding them in Serve's
+    # handle queue while the router re-probes full replicas (README "Admission";
+    # deployments/slot_gate.py). Off: Serve's handle queue (autoscaling.max_queued_requests) alone.
+    admit_by_replica_slots: bool = True
     # None: one handle call per request (routed) or no hop at all (fused).
     gather: Optional[GatherOptions] = None
     # A request carrying this header goes to the version its value hashes to (README "Model

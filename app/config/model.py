@@ -182,6 +182,16 @@ class ModelSpec(_Strict):
             return q
         return max(self.batching.max_batch_size, math.ceil(self.effective_max_ongoing_requests() / max(1, callers)))
 
+    def slot_queue_bound(self, callers: int = 1) -> int:
+        """With `ingress.admit_by_replica_slots`: requests each of `callers` holds in arrival order
+        while this model's slots are full (deployments/slot_gate.py). One batch in all, split
+        between the callers, so a burst is served by the next batch while a sustained overload adds
+        at most one batch of wait; `autoscaling.max_queued_requests` when set (-1: unbounded)."""
+        q = self.autoscaling.max_queued_requests
+        if q is not None:
+            return q
+        return max(1, math.ceil(self.min_ongoing_requests / max(1, callers)))
+
     def effective_replica_wait_s(self) -> Optional[float]:
         """limits.replica_wait_s, except that a model scaled from zero replicas waits for its cold
         start unless the bound was set on purpose."""

@@ -1,0 +1,135 @@
+"""The ingress's admission by model replica slots (deployments.slot_gate), without Ray: a scripted
+controller census."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.config import ModelSpec
+from app.errors import Overloaded
+from deployments.replica_wait import ReplicaCensus
+from deployments.slot_gate import SlotGate, share_of_slots
+
+
+class _Census(ReplicaCensus):
+    def __init__(self, counts: dict[tuple[str, str], int]):
+        super().__init__(max_age_s=0.0)
+        self.counts = counts
+
+    def read(self):
+        return dict(self.counts)
+
+
+@pytest.mark.parametrize("replicas, slots, ingresses, share", [
+    (1, 16, 1, 16), (2, 16, 3, 11), (1, 16, 3, 6), (1, 2, 3, 1), (0, 16, 1, 1), (4, 16, 0, 64)])
+def test_an_ingress_share_is_its_part_of_the_slots_rounded_up_and_never_zero(replicas, slots, ingresses, share):
+    assert share_of_slots(replicas, slots, ingresses) == share
+
+
+def _gate(census: _Census, queue: int) -> SlotGate:
+    return SlotGate("app", "m", 4, "Ingress", queue, census)  # 4 slots a replica
+
+
+def test_past_the_share_requests_queue_in_order_then_are_shed_and_take_freed_slots_first_come_first_served():
+    census = _Census({("app", "m"): 2, ("app", "Ingress"): 3})  # 2 x 4 slots over 3 ingresses: 3 each
+    gate = _gate(census, queue=2)
+
+    async def scenario():
+        for _ in range(3):
+            await gate.enter()
+        first, second = asyncio.create_task(gate.enter()), asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        assert gate.waiting == 2 and not first.done()
+        with pytest.raises(Overloaded):
+            await gate.enter()
+        assert gate.in_flight == 3  # a shed request is never counted
+        gate.exit()
+        await asyncio.sleep(0)
+        assert first.done() and not second.done() and gate.in_flight == 3  # the slot went to the oldest
+        gate.exit()
+        await asyncio.sleep(0)
+        assert second.done() and gate.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_grown_share_lets_waiting_requests_in_without_waiting_for_an_exit():
+    census = _Census({("app", "m"): 1, ("app", "Ingress"): 1})
+    gate = _gate(census, queue=8)
+
+    async def scenario():
+        for _ in range(4):
+            await gate.enter()
+        waiters = [asyncio.create_task(gate.enter()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert gate.waiting == 3
+        census.counts[("app", "m")] = 2  # scaled out: 8 slots
+        await census.running("app", "m")  # the next read (on the path it happens in the background)
+        await gate.enter()  # the next arrival finds the share grown and releases the queue first
+        await asyncio.gather(*waiters)
+        assert gate.in_flight == 8 and gate.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_while_waiting_gives_up_its_place_and_any_slot_it_was_handed():
+    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=8)
+
+    async def scenario():
+        for _ in range(4):
+            await gate.enter()
+        leaver, stayer = asyncio.create_task(gate.enter()), asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        leaver.cancel()
+        await asyncio.gather(leaver, return_exceptions=True)
+        assert gate.waiting == 1
+        gate.exit()
+        await stayer
+        assert gate.in_flight == 4
+        # Handed a slot and cancelled before it ran: the slot passes on, it is not lost.
+        late, last = asyncio.create_task(gate.enter()), asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        gate.exit()  # resolves `late`'s turn ...
+        late.cancel()  # ... which is cancelled before it resumes
+        await asyncio.gather(late, return_exceptions=True)
+        await last
+        assert gate.in_flight == 4 and gate.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_queue_of_zero_sheds_at_the_share_and_minus_one_never_sheds():
+    async def scenario(queue: int) -> int:
+        gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue)
+        shed = 0
+        for _ in range(4):
+            await gate.enter()
+        tasks = [asyncio.create_task(gate.enter()) for _ in range(20)]
+        results = await asyncio.gather(*(asyncio.wait_for(t, 0.05) for t in tasks), return_exceptions=True)
+        shed = sum(isinstance(r, Overloaded) for r in results)
+        return shed
+
+    assert asyncio.run(scenario(0)) == 20
+    assert asyncio.run(scenario(-1)) == 0
+
+
+def test_no_running_replica_leaves_the_request_to_the_replica_wait():
+    gate = _gate(_Census({("app", "Ingress"): 1}), queue=0)
+
+    async def scenario():
+        for _ in range(10):
+            await gate.enter()
+
+    asyncio.run(scenario())
+    assert gate.in_flight == 10
+
+
+def test_the_queue_is_one_batch_over_the_ingress_replicas_unless_set():
+    spec = ModelSpec(name="m", task="embed", source={"kind": "random_init", "architecture": "bert"},
+                     batching={"max_batch_size": 8})
+    assert [spec.slot_queue_bound(n) for n in (1, 3, 16)] == [8, 3, 1]
+    set_ = ModelSpec(name="m", task="embed", source={"kind": "random_init", "architecture": "bert"},
+                     batching={"max_batch_size": 8}, autoscaling={"max_queued_requests": 0})
+    assert set_.slot_queue_bound(3) == 0
