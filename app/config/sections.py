@@ -190,6 +190,9 @@ class AutoscalingOptions(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "AutoscalingOptions":
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests 0 makes Serve refuse every request (it counts a request as queued "
+                             "until a replica is picked for it); use 1 or more, or -1 for unbounded")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         if self.enabled and self.downscale_delay_s < self.look_back_period_s:

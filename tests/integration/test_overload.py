@@ -60,13 +60,12 @@ def test_ten_times_capacity_is_shed_with_503_at_once(base_url, tmp_path):
     assert ten["hung"] == 0 and ten["client_overflow"] == 0  # nothing hung, nothing piled up
     assert ten["other_5xx"] == 0
     assert ten["shed_503_retry_after"] >= 0.9 * ten["rejected"] and ten["rejected"] >= 0.5 * ten["requests"]
-    # The issue's bounds for rejections and recovery. Accepted requests are held to 30x their
-    # half-load p99, a guard against regressions and not the issue's 3x, which is not met: at
-    # saturation an accepted request waits behind every replica's two batches and the callers'
-    # queues, and Serve's routers re-probe full replicas rather than serve them in order
-    # (15.9-25x measured on 16 cores, docs/performance.md "Overload").
+    # The issue's bounds for rejections and recovery. Accepted requests are held to 5x their
+    # half-load p99, a guard against regressions rather than the issue's 3x: with admission by
+    # replica slots (shipped) 16 cores measured 3.04x, the gate without its one-batch queue
+    # 1.5-1.8x, and Serve's handle queue alone 15.9-25x (docs/performance.md, sessions 13-27).
     assert ten["shed_p99_ms"] < 100
-    assert ten["accepted_p99_ms"] < 30 * half["accepted_p99_ms"]
+    assert ten["accepted_p99_ms"] < 5 * half["accepted_p99_ms"]
     assert r["recovered_s"] < 5.0
     assert replica_processes("Ingress") == ingress_before  # no health check failed: the same replicas serve
 

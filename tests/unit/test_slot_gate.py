@@ -100,7 +100,7 @@ def test_a_client_that_leaves_while_waiting_gives_up_its_place_and_any_slot_it_w
     asyncio.run(scenario())
 
 
-def test_a_queue_of_zero_sheds_at_the_share_and_minus_one_never_sheds():
+def test_a_gate_queue_of_zero_sheds_at_the_share_and_minus_one_never_sheds():
     async def scenario(queue: int) -> int:
         gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue)
         shed = 0
@@ -131,5 +131,12 @@ def test_the_queue_is_one_batch_over_the_ingress_replicas_unless_set():
                      batching={"max_batch_size": 8})
     assert [spec.slot_queue_bound(n) for n in (1, 3, 16)] == [8, 3, 1]
     set_ = ModelSpec(name="m", task="embed", source={"kind": "random_init", "architecture": "bert"},
-                     batching={"max_batch_size": 8}, autoscaling={"max_queued_requests": 0})
-    assert set_.slot_queue_bound(3) == 0
+                     batching={"max_batch_size": 8}, autoscaling={"max_queued_requests": 2})
+    assert set_.slot_queue_bound(3) == 2
+
+
+def test_a_handle_queue_of_zero_is_refused_as_config():
+    # Serve counts a request as queued until a replica is picked for it: 0 would refuse them all.
+    with pytest.raises(ValueError, match="max_queued_requests 0"):
+        ModelSpec(name="m", task="embed", source={"kind": "random_init", "architecture": "bert"},
+                  autoscaling={"max_queued_requests": 0})
