@@ -65,10 +65,11 @@ class IngressOptions(_Strict):
     # sheds ordinary bursts; 64 absorbs them (the overload runs used 2-4 behind HAProxy).
     max_queued_requests: int = Field(64, ge=-1)
     # Routed, one handle call per request: each ingress replica sends a model version at most its
-    # share of the slots (max_ongoing_requests) of that version's RUNNING replicas, and answers
-    # realtime requests past it 503 + Retry-After at once, instead of holding them in Serve's
-    # handle queue while the router re-probes full replicas (README "Admission";
-    # deployments/slot_gate.py). Off: Serve's handle queue (autoscaling.max_queued_requests) alone.
+    # share of the slots (max_ongoing_requests) of that version's RUNNING replicas; past it one
+    # batch of realtime requests waits at the ingress in arrival order (ModelSpec.slot_queue_bound)
+    # and the rest get 503 + Retry-After at once, instead of waiting in Serve's handle queue while
+    # the router re-probes full replicas (README "Admission"; deployments/slot_gate.py).
+    # Off: Serve's handle queue (autoscaling.max_queued_requests) alone.
     admit_by_replica_slots: bool = True
     # None: one handle call per request (routed) or no hop at all (fused).
     gather: Optional[GatherOptions] = None
