@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -53,19 +53,34 @@ def _clients(args_per_process: list[list[str]], outs: list[Path], timeout_s: flo
     return [row for out in outs for row in json.loads(out.read_text())["results"]]
 
 
+async def closed_loop(url: str, path: str, body: str | bytes, seconds: float, concurrency: int,
+                      until: Callable[[], bool] | None = None, retry_after_s: float = 0.0) -> dict[int, int]:
+    """The statuses (counted) that `concurrency` clients got posting `body` (JSON) to `path` back
+    to back for `seconds`, or until `until()` holds (a blocking check, run off the loop once a
+    second). A client answered 503 waits `retry_after_s` before its next request."""
+    statuses: dict[int, int] = {}
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=concurrency)) as c:
+        async def client():
+            while not stop.is_set():
+                r = await c.post(path, content=body, headers={"content-type": "application/json"})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 503 and retry_after_s:
+                    await asyncio.sleep(retry_after_s)
+
+        crowd = [asyncio.create_task(client()) for _ in range(concurrency)]
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (until is not None and await asyncio.to_thread(until)):
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        stop.set()
+        await asyncio.gather(*crowd)
+    return statuses
+
+
 async def closed_loop_rate(url: str, path: str, body: str | bytes, seconds: float, concurrency: int) -> float:
     """Answered-200 requests per second of `concurrency` clients each posting `body` (JSON) to
     `path` back to back for `seconds`: the capacity an open-loop overload is scaled from."""
-    done = 0
-    deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-        async def client():
-            nonlocal done
-            while time.perf_counter() < deadline:
-                r = await c.post(path, content=body, headers={"content-type": "application/json"})
-                done += r.status_code == 200
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done / seconds
+    return (await closed_loop(url, path, body, seconds, concurrency)).get(200, 0) / seconds
 
 
 def open_loop(url: str, rate: float, seconds: float, workdir: Path, generators: int = 1,

@@ -8,8 +8,8 @@ of the slots that the version's RUNNING replicas have (`max_ongoing_requests` ea
 sends always finds a free slot. Requests past the share wait here in arrival order, at most
 `queue_bound` of them (ModelSpec.slot_queue_bound: one batch over all ingress replicas, so a burst
 is served by the next batch), and each takes the slot of a request that finishes; past that they
-answer 503 + Retry-After at once. Replica counts come from the
-controller's status (ReplicaCensus, read at most once a second in the background and shared).
+answer 503 + Retry-After at once. Replica counts come from the controller's status (ReplicaCensus,
+read at most once a second in the background and shared).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def share_of_slots(model_replicas: int, slots_per_replica: int, ingress_replicas
 
 
 class SlotGate:
-    def __init__(self, app: str, deployment: str, slots_per_replica: int, ingress_deployment: Optional[str],
+    def __init__(self, app: str, deployment: str, slots_per_replica: int, ingress_deployment: str,
                  queue_bound: int, census: ReplicaCensus = CENSUS):
         self.app, self.deployment, self.ingress_deployment = app, deployment, ingress_deployment
         self.slots_per_replica = slots_per_replica
@@ -47,7 +47,7 @@ class SlotGate:
         replicas = await self.census.running_now(self.app, self.deployment)
         if replicas == 0:
             return None
-        ingresses = await self.census.running_now(self.app, self.ingress_deployment) if self.ingress_deployment else 1
+        ingresses = await self.census.running_now(self.app, self.ingress_deployment)
         return share_of_slots(replicas, self.slots_per_replica, ingresses)
 
     @property

@@ -15,7 +15,7 @@ import pytest
 from ray._common.test_utils import wait_for_condition
 
 from app.quantiles import percentile
-from bench.overload import capacity_rps, http_floor, measure
+from bench.overload import BODY, PATH, capacity_rps, closed_loop, http_floor, measure
 from tests.helpers import processes_titled
 from tests.integration.conftest import HAPROXY, app_status
 
@@ -189,38 +189,15 @@ def test_hostile_request_is_refused_at_once_and_costs_nobody_else(base_url, http
 # ------------------------------------------------------------------------------ autoscaling
 
 
-async def _crowd_until(url: str, clients: int, limit_s: float, done) -> dict[int, int]:
-    """`clients` posting one text each back to back until `done()` (checked every second, off the
-    loop) or `limit_s`; the statuses they got, counted."""
-    body = json.dumps({"instances": ["The quick brown fox jumps over the lazy dog and keeps running."]})
-    statuses: dict[int, int] = {}
-    stop = asyncio.Event()
-
-    async def client(c: httpx.AsyncClient) -> None:
-        while not stop.is_set():
-            r = await c.post("/v1/models/minilm:predict", content=body, headers={"content-type": "application/json"})
-            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            if r.status_code == 503:
-                await asyncio.sleep(0.05)  # a polite client backs off a little, as Retry-After asks
-
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=clients)) as c:
-        crowd = [asyncio.create_task(client(c)) for _ in range(clients)]
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline and not await asyncio.to_thread(done):
-            await asyncio.sleep(1.0)
-        stop.set()
-        await asyncio.gather(*crowd)
-    return statuses
-
-
 @pytest.mark.slow
 def test_shipped_config_scales_out_under_load_and_back_in(base_url):
     wait_for_condition(lambda: running("minilm") == 1, timeout=120)
-    # A crowd that keeps one replica full: more clients back to back than its slots hold (the
-    # ingress admits 2 batches' worth and answers the rest 503), for as long as the scale-out takes.
-    # A fixed open-loop rate would be below one replica's capacity on a fast machine and past what
-    # 2 shared cores answer at all on a slow one.
-    statuses = asyncio.run(_crowd_until(base_url, clients=32, limit_s=60.0, done=lambda: running("minilm") == 2))
+    # A crowd that keeps one replica full: more clients back to back than it and the ingress hold
+    # (2 batches in the replica, one queued at the ingress, the rest answered 503; a client answered
+    # 503 backs off 50 ms), for as long as the scale-out takes. A fixed open-loop rate would be below
+    # one replica's capacity on a fast machine and past what 2 shared cores answer at all on a slow one.
+    statuses = asyncio.run(closed_loop(base_url, PATH, BODY, 60.0, 32, until=lambda: running("minilm") == 2,
+                                       retry_after_s=0.05))
     assert running("minilm") == 2, f"no second replica after 60 s of a saturating crowd: {statuses}"
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.get(200, 0) > 0
