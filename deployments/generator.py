@@ -34,7 +34,7 @@ class GeneratorServer:
     def __init__(self, spec: ModelSpec, plan: ParallelPlan, cost: CostConfig):
         # Here, not at module level: transformers' continuous batching imports torch._dynamo (~2.5 s),
         # and every `serve run` builds the app (imports this module) before any replica starts.
-        from app.engine.engine_process import EngineProcess, build_engine
+        from app.engine.engine_process import EngineProcess, build_engine, child_environment
         from app.engine.generation import SamplingParams
 
         self._sampling_params = SamplingParams
@@ -65,7 +65,8 @@ class GeneratorServer:
             device = resolve_device(spec)
             dtype = resolve_dtype(spec, device)
             if g.engine_process:  # the decoding loop in its own interpreter (app/engine/engine_process.py)
-                self.engine = EngineProcess(spec, len(self.text), engine_args)
+                self.engine = EngineProcess(spec, len(self.text), engine_args,
+                                            environment=child_environment(on_cpu=device.type == "cpu"))
             else:
                 self.engine = build_engine(spec, len(self.text), engine_args)
         budget = self.engine.budget

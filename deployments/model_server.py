@@ -17,7 +17,7 @@ from ray import serve
 
 from app.batching import BatchEntry, check_token_budget, count_items
 from app.config import CostConfig, ModelSpec
-from app.engine import BulkPolicy, OneShotEngine
+from app.engine.oneshot import BulkPolicy, OneShotEngine
 from app.engine.faults import fault_drill, faults_from_env
 from app.engine.startup import start_runner, tune_process
 from app.engine_link import EngineListener

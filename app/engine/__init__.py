@@ -9,10 +9,7 @@ Ray, so the engine is built and tested with a fake runner (tests/unit/test_engin
 
 An iteration-level scheduler for generation sits beside OneShotEngine with the same shape:
 requests in, token streams out.
+
+Import the modules themselves (`app.engine.oneshot`, ...): this package imports nothing, so the
+generation engine's child process (engine_process.py) can set OpenMP's variables before torch loads.
 """
-
-from app.engine.batcher import ChunkResult, DeviceBatcher
-from app.engine.control import BatchControl
-from app.engine.oneshot import BulkPolicy, EngineObserver, OneShotEngine
-
-__all__ = ["BatchControl", "BulkPolicy", "ChunkResult", "DeviceBatcher", "EngineObserver", "OneShotEngine"]

@@ -17,6 +17,10 @@ The channel is a `multiprocessing` pipe (an unnamed socket pair: no listening po
 process can connect to) carrying pickles only between a parent and the child it spawned. The child
 exits when the pipe closes, so a replica that dies (even by SIGKILL) takes its engine with it.
 No Ray here.
+
+On CPU the child's OpenMP threads sleep as soon as a parallel region ends (`OMP_WAIT_POLICY=PASSIVE`,
+see `child_environment`): libgomp's default spins them first, which on shared cores takes from the
+replica, the ingress and the proxy the CPU the streams need (docs/performance.md, session 28).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Mapping, Optional
 
 from app import errors
 from app.config import ModelSpec
@@ -39,6 +45,21 @@ logger = logging.getLogger("ray.serve")
 
 _STATS_INTERVAL_S = 0.1
 _SILENT_AFTER_S = 30.0  # no stats for this long: the engine process is hung, the replica unhealthy
+OMP_PASSIVE_ENV = "BATCHSERVE_ENGINE_OMP_PASSIVE"
+
+
+def child_environment(on_cpu: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Variables the engine process sets before it imports torch (libgomp reads them once, when it
+    loads). On CPU: OMP_WAIT_POLICY=PASSIVE. libgomp's default keeps each idle thread spinning after
+    every parallel region, and a decoding step is thousands of small ones, so on cores the engine
+    shares with the replica, the ingress and the proxy the spinning took their CPU (2 cores:
+    1.16-1.18x the output tokens at 4 req/s, session 28). An operator's own OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT (`runtime_env.env_vars`) stands; BATCHSERVE_ENGINE_OMP_PASSIVE=0 leaves libgomp's
+    default (the benchmark's before)."""
+    if (not on_cpu or environ.get(OMP_PASSIVE_ENV, "1") == "0"
+            or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def build_engine(spec: ModelSpec, vocab_size: int, engine_args: dict[str, Any]):
@@ -64,13 +85,15 @@ class EngineProcess:
     """What the generator replica drives: the GenerationEngine interface it uses (`stream`, `stats`,
     `describe`, `budget`, `check_health`, `shutdown`), with the engine in a child process."""
 
-    def __init__(self, spec: ModelSpec, vocab_size: int, engine_args: dict[str, Any], start_timeout_s: float = 1800.0):
+    def __init__(self, spec: ModelSpec, vocab_size: int, engine_args: dict[str, Any], start_timeout_s: float = 1800.0,
+                 environment: Optional[Mapping[str, str]] = None):
         from app.engine.generation import GenerationStats
 
         self._stats_type = GenerationStats
         ctx = mp.get_context("spawn")  # not fork: the replica has threads (Ray's) and maybe CUDA
         self._conn, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=run_engine_process, args=(child, spec, vocab_size, engine_args),
+        self._proc = ctx.Process(target=run_engine_process,
+                                 args=(child, spec, vocab_size, engine_args, dict(environment or {})),
                                  name=f"engine-{spec.name}", daemon=True)
         self._proc.start()
         child.close()  # the child's end lives in the child only: its exit closes the pipe here
@@ -226,12 +249,20 @@ def _error(item: tuple) -> ServingError:
 # ---------------------------------------------------------------------- the engine's side
 
 
-def run_engine_process(conn, spec: ModelSpec, vocab_size: int, engine_args: dict[str, Any]) -> None:
-    """The child's entry point: build the engine, say ready (or why not), serve the pipe."""
+def run_engine_process(conn, spec: ModelSpec, vocab_size: int, engine_args: dict[str, Any],
+                       environment: Optional[Mapping[str, str]] = None) -> None:
+    """The child's entry point: set `environment` (child_environment's), build the engine, say ready
+    (or why not), serve the pipe."""
     # Ctrl-C of `serve run` reaches the whole process group; the replica decides when this ends
     # (it sends "stop", or its end of the pipe closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="engine %(levelname)s %(name)s: %(message)s")
+    if environment:
+        # Nothing this module imports at its top loads torch (app/engine/__init__.py imports nothing),
+        # so OpenMP has not read its variables yet; tests/unit/test_engine_process.py checks it.
+        if "torch" in sys.modules:
+            logger.warning("engine process: torch was loaded before %s could be set", sorted(environment))
+        os.environ.update(environment)
     try:
         from app.engine.startup import tune_process
 

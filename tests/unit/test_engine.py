@@ -12,7 +12,7 @@ import torch
 
 from app.batching import BatchEntry
 from app.config import BatchingConfig
-from app.engine import OneShotEngine
+from app.engine.oneshot import OneShotEngine
 from app.engine.faults import FaultInjection, fault_drill, faults_from_env
 from app.errors import ModelFailure, ReplicaUnavailable
 from app.runners.base import DeviceLost, ModelRunner
@@ -263,7 +263,7 @@ def test_a_request_predicted_to_wait_past_the_budget_is_shed_at_once():
 
 
 def test_a_full_bulk_class_refuses_bulk_and_still_takes_realtime():
-    from app.engine import BulkPolicy
+    from app.engine.oneshot import BulkPolicy
     from app.errors import Overloaded
 
     gate = threading.Event()

@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 
 from app.config import ModelSpec
-from app.engine.engine_process import EngineProcess, build_engine
+from app.engine.engine_process import OMP_PASSIVE_ENV, EngineProcess, build_engine, child_environment
 from app.engine.generation import SamplingParams
 from app.errors import PayloadTooLarge, ReplicaUnavailable
 from app.models.chat import GenerationText
@@ -111,3 +113,19 @@ def test_a_child_that_dies_ends_its_streams_with_503_and_fails_the_health_check(
             asyncio.run(long_stream())
     finally:
         engine.shutdown()
+
+
+def test_cpu_engines_ask_openmp_threads_to_sleep_unless_the_operator_said_otherwise():
+    assert child_environment(on_cpu=True, environ={}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert child_environment(on_cpu=False, environ={}) == {}
+    assert child_environment(on_cpu=True, environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert child_environment(on_cpu=True, environ={"GOMP_SPINCOUNT": "10000"}) == {}
+    assert child_environment(on_cpu=True, environ={OMP_PASSIVE_ENV: "0"}) == {}
+
+
+def test_the_child_sets_its_environment_before_torch_loads():
+    # libgomp reads OMP_WAIT_POLICY once, when torch loads it: the spawned child imports the module
+    # of its entry point (and the config of its arguments) before it can set anything.
+    probe = "import sys, app.engine.engine_process, app.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
