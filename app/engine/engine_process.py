@@ -52,10 +52,10 @@ def child_environment(on_cpu: bool, environ: Mapping[str, str] = os.environ) -> 
     """Variables the engine process sets before it imports torch (libgomp reads them once, when it
     loads). On CPU: OMP_WAIT_POLICY=PASSIVE. libgomp's default keeps each idle thread spinning after
     every parallel region, and a decoding step is thousands of small ones, so on cores the engine
-    shares with the replica, the ingress and the proxy the spinning took their CPU (2 cores:
-    1.16-1.18x the output tokens at 4 req/s, session 28). An operator's own OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT (`runtime_env.env_vars`) stands; BATCHSERVE_ENGINE_OMP_PASSIVE=0 leaves libgomp's
-    default (the benchmark's before)."""
+    shares with the replica, the ingress and the proxy the spinning took their CPU (2 cores, 2 torch
+    threads: 1.10x the output tokens at 4 req/s in a same-run pair, session 28). An operator's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT (`runtime_env.env_vars`) stands;
+    BATCHSERVE_ENGINE_OMP_PASSIVE=0 leaves libgomp's default (the benchmark's before)."""
     if (not on_cpu or environ.get(OMP_PASSIVE_ENV, "1") == "0"
             or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ):
         return {}

@@ -62,8 +62,9 @@ def test_ten_times_capacity_is_shed_with_503_at_once(base_url, tmp_path):
     assert ten["shed_503_retry_after"] >= 0.9 * ten["rejected"] and ten["rejected"] >= 0.5 * ten["requests"]
     # The bounds for rejections and recovery. Accepted requests are held to 5x their
     # half-load p99, a guard against regressions rather than the 3x: with admission by
-    # replica slots (shipped) 16 cores measured 3.04x, the gate without its one-batch queue
-    # 1.5-1.8x, and Serve's handle queue alone 15.9-25x (docs/performance.md, sessions 13-27).
+    # replica slots (shipped) 16 cores measured 2.66-3.25x (and 3.04x on a slower host), the gate
+    # without its one-batch queue 1.5-1.8x, and Serve's handle queue alone 15-25x
+    # (docs/performance.md, sessions 13-28).
     assert ten["shed_p99_ms"] < 100
     assert ten["accepted_p99_ms"] < 5 * half["accepted_p99_ms"]
     assert r["recovered_s"] < 5.0
