@@ -10,7 +10,8 @@ manager decides), async=0|1 (the manager's double-buffered batch preparation), c
 (the manager's default_compile_level), qpad=/kvpad=TOKENS (graph padding intervals), temp=T
 (seeded sampling at temperature T; default greedy), fusednorm=1 (bench/fused_norm.py; reverted
 after the variant), running=N (max_running_sequences), seqattn=0 (transformers' packed attention
-instead of app/models/sequence_sdpa.py's per-sequence call). Each
+instead of app/models/sequence_sdpa.py's per-sequence call), head=auto|linear|transposed (the CPU
+output projection's layout, app/models/output_projection.py; unset: auto, as served). Each
 variant's tokens are compared with the first variant's of the same temperature: `same` is the
 fraction of streams whose tokens match. Each stream: a --prompt-tokens prompt, then --new-tokens
 tokens; TPOT = (last token - first token) / (tokens - 1), median over the streams. On CUDA the
@@ -33,7 +34,7 @@ import yaml
 from app.config import ModelSpec
 from app.engine.generation import GenerationEngine, SamplingParams
 from app.kv_cache import KVBudget, kv_bytes_per_token
-from app.models import sequence_sdpa
+from app.models import output_projection, sequence_sdpa
 
 
 async def tpot_ms(engine: GenerationEngine, streams: int, prompt: int, new: int, temperature: float = 0.0,
@@ -155,12 +156,17 @@ def main() -> int:
 
             saved_forwards = {m: m.__dict__.get("forward") for m in model.modules()}
             fuse_rms_norms(model)
+        original_head = model.get_output_embeddings()
+        if "head" in opts:
+            os.environ[output_projection.LAYOUT_ENV] = opts["head"]
         if opts.get("seqattn") == "0":  # the engine's install() leaves transformers' packed call
             os.environ[sequence_sdpa.ENABLE_ENV] = "0"
             sequence_sdpa.uninstall()
         try:
+            running = int(opts.get("running", max(streams)))
+            output_projection.use_faster_head_layout(model, max_rows=running)  # as build_engine does
             engine = GenerationEngine(model, [-1], KVBudget(tokens_kv, per_token, 0, 1.0, "bench"),
-                                      max_running=int(opts.get("running", max(streams))), max_sequences=10_000,
+                                      max_running=running, max_sequences=10_000,
                                       max_step_tokens=g.max_step_tokens, page_size=g.page_size,
                                       max_context_tokens=spec.max_seq_len, manager_options=manager)
             asyncio.run(tpot_ms(engine, 4, 32, 16))  # warm-up (graph capture, kernels)
@@ -177,6 +183,8 @@ def main() -> int:
             continue
         finally:
             os.environ.pop(sequence_sdpa.ENABLE_ENV, None)
+            os.environ.pop(output_projection.LAYOUT_ENV, None)
+            model.set_output_embeddings(original_head)  # the engine may have replaced it
             for m, fwd in saved_forwards.items():  # the next variant gets the model as loaded
                 if fwd is None:
                     m.__dict__.pop("forward", None)

@@ -68,11 +68,15 @@ def build_engine(spec: ModelSpec, vocab_size: int, engine_args: dict[str, Any]):
     from app.engine.generation import GenerationEngine
     from app.kv_cache import free_memory_bytes, kv_budget, kv_bytes_per_token
     from app.models.loader import build_backbone, resolve_device, resolve_dtype
+    from app.models.output_projection import use_faster_head_layout
 
     g = spec.generation
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     model = build_backbone(spec, vocab_size, device, dtype)
+    # One replica, one model: the head's layout is this process's choice alone. (A gang's ranks keep
+    # theirs: each rank timing on its own could choose differently and round differently.)
+    use_faster_head_layout(model, max_rows=engine_args["max_running"])
     budget = kv_budget(free_memory_bytes(device), kv_bytes_per_token(model.config, dtype.itemsize),
                        g.kv_cache_memory_fraction, g.kv_cache_max_tokens)
     return GenerationEngine(model, budget=budget, **engine_args)
