@@ -10,6 +10,14 @@ sends always finds a free slot. Requests past the share wait here in arrival ord
 is served by the next batch), and each takes the slot of a request that finishes; past that they
 answer 503 + Retry-After at once. Replica counts come from the controller's status (ReplicaCensus,
 read at most once a second in the background and shared).
+
+The queue is for bursts, not for a standing overload (CoDel's distinction; Facebook's "controlled
+delay" queues in "Fail at scale"): a burst that fits the slots and the queue is served whole, but
+once the queue has overflowed (a request shed), and for `OVERLOAD_MEMORY_S` after the last such
+overflow, a request that has waited more than `overload_wait_s` is answered 503 + Retry-After
+instead of holding its place. In a standing overload the queue would otherwise add its whole length
+to every accepted request: on one 16-core host at 10x, accepted p99 at 2.7-3.3x the half-load p99
+with the one-batch queue against 1.5-1.8x without any queue (docs/performance.md, sessions 27-28).
 """
 
 from __future__ import annotations
@@ -17,10 +25,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from typing import Optional
+import os
+import time
+from typing import Any, Callable, Optional
 
 from app.errors import Overloaded
 from deployments.replica_wait import CENSUS, ReplicaCensus
+
+OVERLOAD_MEMORY_S = 1.0  # overload mode lasts this long after the queue last overflowed
+# In overload mode, the longest a request waits here for a slot. Env: the benchmark's lever (0: the
+# gate alone past the share; a negative value: never, the queue's wait is unbounded as before).
+OVERLOAD_WAIT_ENV = "BATCHSERVE_SLOT_GATE_OVERLOAD_WAIT_MS"
+DEFAULT_OVERLOAD_WAIT_S = 0.02
+_FROM_ENV = object()
+
+
+def overload_wait_s(environ=os.environ) -> Optional[float]:
+    """The overload-mode wait (seconds) from the environment's lever, or the default; None: never."""
+    raw = environ.get(OVERLOAD_WAIT_ENV)
+    if raw is None:
+        return DEFAULT_OVERLOAD_WAIT_S
+    ms = float(raw)
+    return None if ms < 0 else ms / 1000.0
 
 
 def share_of_slots(model_replicas: int, slots_per_replica: int, ingress_replicas: int) -> int:
@@ -31,14 +57,19 @@ def share_of_slots(model_replicas: int, slots_per_replica: int, ingress_replicas
 
 class SlotGate:
     def __init__(self, app: str, deployment: str, slots_per_replica: int, ingress_deployment: str,
-                 queue_bound: int, census: ReplicaCensus = CENSUS):
+                 queue_bound: int, census: ReplicaCensus = CENSUS, overload_wait: Any = _FROM_ENV,
+                 clock: Callable[[], float] = time.monotonic):
         self.app, self.deployment, self.ingress_deployment = app, deployment, ingress_deployment
         self.slots_per_replica = slots_per_replica
         self.queue_bound = queue_bound
         self.census = census
+        self.overload_wait: Optional[float] = overload_wait_s() if overload_wait is _FROM_ENV else overload_wait
+        self.clock = clock
         self.in_flight = 0
+        self.shed_stale = 0  # requests answered 503 after waiting overload_wait in overload mode
         self._bound: Optional[int] = None
-        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._overload_until = -math.inf
+        self._waiting: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
 
     async def bound(self) -> Optional[int]:
         """None while the model has no RUNNING replica (replica_wait.placed answers that case)."""
@@ -62,17 +93,21 @@ class SlotGate:
             self.in_flight += 1
             return
         if 0 <= self.queue_bound <= len(self._waiting):  # -1: unbounded
-            raise Overloaded(f"{self.deployment}: this ingress's {self._bound} model slots and its queue of "
-                             f"{self.queue_bound} are full; retry shortly")
+            self._overload_until = self.clock() + OVERLOAD_MEMORY_S
+            self._shed_stale()
+            if self.queue_bound <= len(self._waiting):
+                raise Overloaded(f"{self.deployment}: this ingress's {self._bound} model slots and its queue of "
+                                 f"{self.queue_bound} are full; retry shortly")
         turn = asyncio.get_running_loop().create_future()
-        self._waiting.append(turn)
+        entry = (self.clock(), turn)
+        self._waiting.append(entry)
         try:
-            await turn  # _release counted us in before resolving it
+            await turn  # _release counted us in before resolving it (or _shed_stale refused us)
         except asyncio.CancelledError:  # the client left while waiting
-            if turn.done() and not turn.cancelled():
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
                 self.exit()  # the slot was already ours: pass it on
-            else:
-                self._waiting.remove(turn)
+            elif entry in self._waiting:
+                self._waiting.remove(entry)
             raise
 
     def exit(self) -> None:
@@ -80,10 +115,26 @@ class SlotGate:
         self._release()
 
     def _release(self) -> None:
-        """Hand free slots to the longest-waiting requests."""
+        """Hand free slots to the longest-waiting requests (in overload mode, those not yet stale)."""
+        self._shed_stale()
         while self._waiting and (self._bound is None or self.in_flight < self._bound):
-            turn = self._waiting.popleft()
+            _, turn = self._waiting.popleft()
             if turn.done():
                 continue
             self.in_flight += 1
             turn.set_result(None)
+
+    def _shed_stale(self) -> None:
+        """In overload mode, answer 503 to the requests that waited longer than overload_wait."""
+        if self.overload_wait is None or not self._waiting:
+            return
+        now = self.clock()
+        if now >= self._overload_until:
+            return
+        while self._waiting and now - self._waiting[0][0] > self.overload_wait:
+            _, turn = self._waiting.popleft()
+            if turn.done():
+                continue
+            self.shed_stale += 1
+            turn.set_exception(Overloaded(f"{self.deployment}: overloaded; no model slot freed within "
+                                          f"{self.overload_wait * 1000:.0f} ms; retry shortly"))

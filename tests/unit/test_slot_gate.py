@@ -10,7 +10,8 @@ import pytest
 from app.config import ModelSpec
 from app.errors import Overloaded
 from deployments.replica_wait import ReplicaCensus
-from deployments.slot_gate import SlotGate, share_of_slots
+from deployments.slot_gate import (DEFAULT_OVERLOAD_WAIT_S, OVERLOAD_MEMORY_S, OVERLOAD_WAIT_ENV, SlotGate,
+                                   overload_wait_s, share_of_slots)
 
 
 class _Census(ReplicaCensus):
@@ -28,8 +29,16 @@ def test_an_ingress_share_is_its_part_of_the_slots_rounded_up_and_never_zero(rep
     assert share_of_slots(replicas, slots, ingresses) == share
 
 
-def _gate(census: _Census, queue: int) -> SlotGate:
-    return SlotGate("app", "m", 4, "Ingress", queue, census)  # 4 slots a replica
+def _gate(census: _Census, queue: int, **kw) -> SlotGate:
+    return SlotGate("app", "m", 4, "Ingress", queue, census, **kw)  # 4 slots a replica
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_past_the_share_requests_queue_in_order_then_are_shed_and_take_freed_slots_first_come_first_served():
@@ -140,3 +149,92 @@ def test_a_handle_queue_of_zero_is_refused_as_config():
     with pytest.raises(ValueError, match="max_queued_requests 0"):
         ModelSpec(name="m", task="embed", source={"kind": "random_init", "architecture": "bert"},
                   autoscaling={"max_queued_requests": 0})
+
+
+def test_a_burst_that_fits_the_queue_is_served_whole_however_long_it_waits():
+    clock = _Clock()
+    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=4, overload_wait=0.02, clock=clock)
+
+    async def scenario():
+        for _ in range(4):
+            await gate.enter()
+        waiters = [asyncio.create_task(gate.enter()) for _ in range(4)]
+        await asyncio.sleep(0)
+        clock.now += 5.0  # a slow batch: no overflow, so no overload mode
+        for _ in range(4):
+            gate.exit()
+        await asyncio.gather(*waiters)
+        assert gate.in_flight == 4 and gate.shed_stale == 0
+
+    asyncio.run(scenario())
+
+
+def test_after_an_overflow_stale_waiters_are_shed_and_fresh_ones_keep_their_place():
+    clock = _Clock()
+    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=2, overload_wait=0.02, clock=clock)
+
+    async def scenario():
+        for _ in range(4):
+            await gate.enter()
+        old = [asyncio.create_task(gate.enter()) for _ in range(2)]
+        await asyncio.sleep(0)
+        clock.now += 0.05  # the two queued requests are now stale, but no overflow yet: they stay
+        gate.exit()
+        await asyncio.sleep(0)
+        assert old[0].done() and not old[1].done() and gate.shed_stale == 0
+        gate.exit()
+        await asyncio.sleep(0)
+        assert old[1].done()
+        # A standing overload: the queue fills, the next arrival overflows it.
+        queued = [asyncio.create_task(gate.enter()) for _ in range(2)]
+        await asyncio.sleep(0)
+        clock.now += 0.05
+        fresh = asyncio.create_task(gate.enter())  # the overflow: the stale two are shed, it queues
+        await asyncio.sleep(0)
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert all(isinstance(r, Overloaded) for r in results) and gate.shed_stale == 2
+        assert not fresh.done() and gate.waiting == 1 and gate.in_flight == 4
+        gate.exit()
+        await fresh  # a freed slot goes to the fresh waiter
+        # Still in overload mode: a waiter that goes stale is shed when the next request arrives.
+        late = asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        clock.now += 0.05
+        next_one = asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await late
+        assert not next_one.done() and gate.waiting == 1
+        # The mode ends OVERLOAD_MEMORY_S after the last overflow: waiting is unbounded in time again.
+        clock.now += OVERLOAD_MEMORY_S
+        gate.exit()
+        await next_one
+        assert gate.in_flight == 4 and gate.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_without_an_overload_wait_the_queue_never_sheds_by_age():
+    clock = _Clock()
+    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=1, overload_wait=None, clock=clock)
+
+    async def scenario():
+        for _ in range(4):
+            await gate.enter()
+        waiter = asyncio.create_task(gate.enter())
+        await asyncio.sleep(0)
+        clock.now += 10.0
+        with pytest.raises(Overloaded):
+            await gate.enter()  # the queue is full: the newcomer is shed, not the one waiting
+        gate.exit()
+        await waiter
+        assert gate.shed_stale == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_overload_wait_lever():
+    assert overload_wait_s({}) == DEFAULT_OVERLOAD_WAIT_S
+    assert overload_wait_s({OVERLOAD_WAIT_ENV: "50"}) == 0.05
+    assert overload_wait_s({OVERLOAD_WAIT_ENV: "0"}) == 0.0
+    assert overload_wait_s({OVERLOAD_WAIT_ENV: "-1"}) is None
