@@ -16,8 +16,9 @@ delay" queues in "Fail at scale"): a burst that fits the slots and the queue is 
 once the queue has overflowed (a request shed), and for `OVERLOAD_MEMORY_S` after the last such
 overflow, a request that has waited more than `overload_wait_s` is answered 503 + Retry-After
 instead of holding its place. In a standing overload the queue would otherwise add its whole length
-to every accepted request: on one 16-core host at 10x, accepted p99 at 2.7-3.3x the half-load p99
-with the one-batch queue against 1.5-1.8x without any queue (docs/performance.md, sessions 27-28).
+to every accepted request: on one 16-core host at 10x, accepted p99 273 ms (3.6-4.7x the half-load
+p99) with the plain queue against 178-231 ms (2.1-3.3x) with this, same machine (docs/performance.md,
+session 29).
 """
 
 from __future__ import annotations
