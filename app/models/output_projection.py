@@ -23,16 +23,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Any, Callable, Optional
 
 import torch
+
+from app.backends.choice import time_candidates_ms
 
 logger = logging.getLogger("ray.serve")
 
 LAYOUT_ENV = "BATCHSERVE_CPU_HEAD_LAYOUT"
 MIN_GAIN = 1.1  # the copy must be this much faster: timing noise is not a reason to keep it
-TIMING_BUDGET_S = 0.1  # per layout and row count, at least 3 calls (a [152k x 896] head: ~40 ms a row)
 
 
 class TransposedHead(torch.nn.Module):
@@ -56,29 +56,20 @@ class TransposedHead(torch.nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def call_ms(fn: Callable[[], Any], budget_s: float = TIMING_BUDGET_S) -> float:
-    """Median milliseconds of fn() over as many calls as fit the budget (at least 3), after one warm-up."""
-    fn()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < 3 or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def head_gains(weight: torch.Tensor, weight_t: torch.Tensor, max_rows: int,
-               timer: Callable[[Callable[[], Any]], float] = call_ms) -> dict[int, float]:
+               time_ms: Callable[[dict[str, Callable[[], Any]]], dict[str, float]] = time_candidates_ms
+               ) -> dict[int, float]:
     """linear(x, weight)'s time over x @ weight_t's for x of 1, 2, 4, ... rows, up to max_rows (the
-    last count is max_rows itself), stopping after the first count where the copy is not faster."""
+    last count is max_rows itself), stopping after the first count where the copy is not faster.
+    Timed as `backend: auto` times its candidates: interleaved rounds, the best round kept."""
     gains: dict[int, float] = {}
     counts = sorted({min(2 ** i, max_rows) for i in range(max(1, max_rows).bit_length() + 1)})
     with torch.inference_mode():
         for n in counts:
             x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
-            gains[n] = timer(lambda: torch.nn.functional.linear(x, weight)) / timer(lambda: x @ weight_t)
+            ms = time_ms({"linear": lambda: torch.nn.functional.linear(x, weight),
+                          "transposed": lambda: x @ weight_t})
+            gains[n] = ms["linear"] / ms["transposed"]
             if gains[n] < MIN_GAIN:
                 break
     return gains
