@@ -5,8 +5,8 @@ At overload an accepted request's tail sits before the model replica (docs/perfo
 frees a slot, newer requests win some of those rounds, and several ingress replicas race for each
 freed slot. Here each ingress replica keeps its requests in flight to a model version at its share
 of the slots that the version's RUNNING replicas have (`max_ongoing_requests` each), so a request it
-sends finds a free slot (all but the few that the shares' rounding up adds, see share_of_slots). Requests past the share wait here in arrival order, at most
-`queue_bound` of them (ModelSpec.slot_queue_bound: one batch over all ingress replicas, so a burst
+sends finds a free slot (all but the few that rounding the shares up adds: share_of_slots). Requests
+past the share wait here in arrival order, at most `queue_bound` of them (ModelSpec.slot_queue_bound: one batch over all ingress replicas, so a burst
 is served by the next batch), and each takes the slot of a request that finishes; past that they
 answer 503 + Retry-After at once. Replica counts come from the controller's status (ReplicaCensus,
 read at most once a second in the background and shared).
@@ -53,7 +53,7 @@ def overload_wait_s(environ=os.environ) -> Optional[float]:
 def share_of_slots(model_replicas: int, slots_per_replica: int, ingress_replicas: int) -> int:
     """One ingress replica's share of the model's slots, rounded up (at least 1) so that a model
     with fewer slots than ingress replicas still takes requests from each of them. Together the
-    shares may exceed the slots by up to one per ingress replica; those few wait in Serve's handle
+    shares may exceed the slots by less than one per ingress replica; those few wait in Serve's handle
     queue and fill the next batch at once. Rounded down instead (3 ingress replicas over 16 slots:
     15, not 18), 16 cores at 10x accepted ~10 % fewer requests with no shorter tail
     (docs/performance.md, session 30)."""
