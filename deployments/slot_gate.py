@@ -6,9 +6,9 @@ frees a slot, newer requests win some of those rounds, and several ingress repli
 freed slot. Here each ingress replica keeps its requests in flight to a model version at its share
 of the slots that the version's RUNNING replicas have (`max_ongoing_requests` each), so a request it
 sends finds a free slot (all but the few that rounding the shares up adds: share_of_slots). Requests
-past the share wait here in arrival order, at most `queue_bound` of them (ModelSpec.slot_queue_bound: one batch over all ingress replicas, so a burst
-is served by the next batch), and each takes the slot of a request that finishes; past that they
-answer 503 + Retry-After at once. Replica counts come from the controller's status (ReplicaCensus,
+past the share wait here in arrival order, at most `queue_bound` of them (ModelSpec.slot_queue_bound:
+one batch over all ingress replicas, so a burst is served by the next batch), and each takes the
+slot of a request that finishes; past that they answer 503 + Retry-After at once. Replica counts come from the controller's status (ReplicaCensus,
 read at most once a second in the background and shared).
 
 The queue is for bursts, not for a standing overload (CoDel's distinction; Facebook's "controlled
