@@ -8,8 +8,9 @@ of the slots that the version's RUNNING replicas have (`max_ongoing_requests` ea
 sends finds a free slot (all but the few that rounding the shares up adds: share_of_slots). Requests
 past the share wait here in arrival order, at most `queue_bound` of them (ModelSpec.slot_queue_bound:
 one batch over all ingress replicas, so a burst is served by the next batch), and each takes the
-slot of a request that finishes; past that they answer 503 + Retry-After at once. Replica counts come from the controller's status (ReplicaCensus,
-read at most once a second in the background and shared).
+slot of a request that finishes; past that they answer 503 + Retry-After at once. Replica counts
+come from the controller's status (ReplicaCensus, read at most once a second in the background and
+shared).
 
 The queue is for bursts, not for a standing overload (CoDel's distinction; Facebook's "controlled
 delay" queues in "Fail at scale"): a burst that fits the slots and the queue is served whole, but
