@@ -28,6 +28,8 @@ for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
     if not rows:
         print(f"| {d.name} | (no result: see {d}/log) |"); continue
     for r in rows:
+        # Static batching streams nothing, so it has no time per output token (None).
+        tpot = "-" if r["tpot_p50_ms"] is None else f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f}"
         print(f"| {d.name} | {r['rate']:g} | {r['output_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} "
-              f"| {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['ok']} / {r['requests']} |")
+              f"| {tpot} | {r['ok']} / {r['requests']} |")
 PY
