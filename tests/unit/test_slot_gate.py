@@ -33,6 +33,20 @@ def _gate(census: _Census, queue: int, **kw) -> SlotGate:
     return SlotGate("app", "m", 4, "Ingress", queue, census, **kw)  # 4 slots a replica
 
 
+def _one_replica_gate(queue: int, **kw) -> SlotGate:
+    """One model replica (4 slots) and one ingress replica: the whole share is this gate's."""
+    return _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue, **kw)
+
+
+async def _queued_behind_full_slots(gate: SlotGate, waiting: int) -> list[asyncio.Task]:
+    """Take the gate's 4 slots, then start `waiting` more requests (each queued or shed)."""
+    for _ in range(4):
+        await gate.enter()
+    tasks = [asyncio.create_task(gate.enter()) for _ in range(waiting)]
+    await asyncio.sleep(0)
+    return tasks
+
+
 class _Clock:
     def __init__(self):
         self.now = 100.0
@@ -69,10 +83,7 @@ def test_a_grown_share_lets_waiting_requests_in_without_waiting_for_an_exit():
     gate = _gate(census, queue=8)
 
     async def scenario():
-        for _ in range(4):
-            await gate.enter()
-        waiters = [asyncio.create_task(gate.enter()) for _ in range(3)]
-        await asyncio.sleep(0)
+        waiters = await _queued_behind_full_slots(gate, 3)
         assert gate.waiting == 3
         census.counts[("app", "m")] = 2  # scaled out: 8 slots
         await census.running("app", "m")  # the next read (on the path it happens in the background)
@@ -84,13 +95,10 @@ def test_a_grown_share_lets_waiting_requests_in_without_waiting_for_an_exit():
 
 
 def test_a_client_that_leaves_while_waiting_gives_up_its_place_and_any_slot_it_was_handed():
-    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=8)
+    gate = _one_replica_gate(queue=8)
 
     async def scenario():
-        for _ in range(4):
-            await gate.enter()
-        leaver, stayer = asyncio.create_task(gate.enter()), asyncio.create_task(gate.enter())
-        await asyncio.sleep(0)
+        leaver, stayer = await _queued_behind_full_slots(gate, 2)
         leaver.cancel()
         await asyncio.gather(leaver, return_exceptions=True)
         assert gate.waiting == 1
@@ -111,11 +119,7 @@ def test_a_client_that_leaves_while_waiting_gives_up_its_place_and_any_slot_it_w
 
 def test_a_gate_queue_of_zero_sheds_at_the_share_and_minus_one_never_sheds():
     async def scenario(queue: int) -> int:
-        gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue)
-        shed = 0
-        for _ in range(4):
-            await gate.enter()
-        tasks = [asyncio.create_task(gate.enter()) for _ in range(20)]
+        tasks = await _queued_behind_full_slots(_one_replica_gate(queue), 20)
         results = await asyncio.gather(*(asyncio.wait_for(t, 0.05) for t in tasks), return_exceptions=True)
         shed = sum(isinstance(r, Overloaded) for r in results)
         return shed
@@ -153,13 +157,10 @@ def test_a_handle_queue_of_zero_is_refused_as_config():
 
 def test_a_burst_that_fits_the_queue_is_served_whole_however_long_it_waits():
     clock = _Clock()
-    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=4, overload_wait=0.02, clock=clock)
+    gate = _one_replica_gate(queue=4, overload_wait=0.02, clock=clock)
 
     async def scenario():
-        for _ in range(4):
-            await gate.enter()
-        waiters = [asyncio.create_task(gate.enter()) for _ in range(4)]
-        await asyncio.sleep(0)
+        waiters = await _queued_behind_full_slots(gate, 4)
         clock.now += 5.0  # a slow batch: no overflow, so no overload mode
         for _ in range(4):
             gate.exit()
@@ -171,13 +172,10 @@ def test_a_burst_that_fits_the_queue_is_served_whole_however_long_it_waits():
 
 def test_after_an_overflow_stale_waiters_are_shed_and_fresh_ones_keep_their_place():
     clock = _Clock()
-    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=2, overload_wait=0.02, clock=clock)
+    gate = _one_replica_gate(queue=2, overload_wait=0.02, clock=clock)
 
     async def scenario():
-        for _ in range(4):
-            await gate.enter()
-        old = [asyncio.create_task(gate.enter()) for _ in range(2)]
-        await asyncio.sleep(0)
+        old = await _queued_behind_full_slots(gate, 2)
         clock.now += 0.05  # the two queued requests are now stale, but no overflow yet: they stay
         gate.exit()
         await asyncio.sleep(0)
@@ -216,13 +214,10 @@ def test_after_an_overflow_stale_waiters_are_shed_and_fresh_ones_keep_their_plac
 
 def test_without_an_overload_wait_the_queue_never_sheds_by_age():
     clock = _Clock()
-    gate = _gate(_Census({("app", "m"): 1, ("app", "Ingress"): 1}), queue=1, overload_wait=None, clock=clock)
+    gate = _one_replica_gate(queue=1, overload_wait=None, clock=clock)
 
     async def scenario():
-        for _ in range(4):
-            await gate.enter()
-        waiter = asyncio.create_task(gate.enter())
-        await asyncio.sleep(0)
+        (waiter,) = await _queued_behind_full_slots(gate, 1)
         clock.now += 10.0
         with pytest.raises(Overloaded):
             await gate.enter()  # the queue is full: the newcomer is shed, not the one waiting
