@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, Optional
 
@@ -23,8 +24,8 @@ _CENSUS_MAX_AGE_S = 1.0  # one controller read a second per ingress process, and
 
 
 class ReplicaCensus:
-    """RUNNING replicas per (application, deployment), read from the controller (`serve.status()`,
-    Serve's public status API) at most once per max_age_s and shared by every caller."""
+    """RUNNING replicas per (application, deployment), read from the controller's status
+    (controller_details) at most once per max_age_s and shared by every caller."""
 
     def __init__(self, max_age_s: float = _CENSUS_MAX_AGE_S):
         self.max_age_s = max_age_s
@@ -62,15 +63,50 @@ class ReplicaCensus:
 
     @staticmethod
     def read() -> dict[tuple[str, str], int]:
-        from ray import serve
-
         try:
+            details = controller_details()
+            if details is not None:
+                return running_counts(details)
+            from ray import serve
+
             status = serve.status()
         except Exception as e:  # noqa: BLE001 - an unreadable controller counts as no replica
-            logger.warning("replica census: serve.status() failed: %r", e)
+            logger.warning("replica census: the controller's status failed: %r", e)
             return {}
-        return {(a, d): int(sum(n for state, n in ds.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+        return {(a, d): int(sum(n for state, n in ds.replica_states.items() if _state(state) == "RUNNING"))
                 for a, app in status.applications.items() for d, ds in app.deployments.items()}
+
+
+def controller_details() -> Optional[dict[str, Any]]:
+    """The controller's status document as plain data (the shape of Serve's REST API,
+    ServeInstanceDetails), or None where this Ray cannot give it. `serve.status()` validates the
+    same document into pydantic models, and that re-pickles every deployment's request router
+    class: ~40 ms of CPU per call on 2 cores, holding the GIL, so the ingress's event loop answered
+    nothing for that long once a second (docs/performance.md, session 31). The plain document costs
+    ~1 ms. The client call is Serve's private API (Ray 2.60, pinned); without it, serve.status()."""
+    if os.environ.get("BATCHSERVE_CENSUS") == "status":  # TEMPORARY: session 31's A/B lever
+        return None
+    try:
+        from ray.serve.context import _get_global_client
+    except ImportError:
+        return None
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {}  # no controller: no replica
+    get = getattr(client, "get_serve_details", None)
+    return get() if get is not None else None
+
+
+def running_counts(details: dict[str, Any]) -> dict[tuple[str, str], int]:
+    """RUNNING replicas per (application, deployment) in a controller_details() document."""
+    return {(a, d): sum(1 for r in dep.get("replicas") or () if _state(r.get("state")) == "RUNNING")
+            for a, app in (details.get("applications") or {}).items()
+            for d, dep in (app.get("deployments") or {}).items()}
+
+
+def _state(state: Any) -> str:
+    """A ReplicaState, or its value as the REST API's JSON has it."""
+    return str(getattr(state, "value", state))
 
 
 CENSUS = ReplicaCensus()

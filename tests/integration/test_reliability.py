@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from ray._common.test_utils import wait_for_condition
 
 from bench.overload import closed_loop_rate
+from deployments.replica_wait import ReplicaCensus
 from tests.helpers import tiny_bert_spec
 from tests.integration.conftest import app_entry, app_status, extra_app, shipped_env
 
@@ -169,6 +170,8 @@ def test_replica_killed_under_load_is_replaced_and_nothing_hangs(fragile_url):
     print(f"\nreplica kill: {len(outcomes)} requests, {len(errors)} errors {errors[:3]}, "
           f"replaced within {recovered_s:.1f} s of the kill")
     assert "hang" not in outcomes
+    # The ingress's census (the plain controller document, not serve.status()) counts the same.
+    assert ReplicaCensus.read()[("fragile", MODEL)] == running(MODEL) == 2
     assert all(isinstance(o, tuple) and o[0] >= 500 and o[1] for o in errors)  # clear 5xx, not silence
     # Inference is idempotent, so a request whose replica died is retried once on another one.
     assert outcomes.count(200) >= 0.98 * len(outcomes)

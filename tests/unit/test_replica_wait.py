@@ -10,7 +10,7 @@ import pytest
 
 from app.config import ModelSpec
 from app.errors import ReplicaUnavailable
-from deployments.replica_wait import ReplicaCensus, placed
+from deployments.replica_wait import ReplicaCensus, placed, running_counts
 
 
 class _Response:
@@ -107,3 +107,19 @@ def test_the_replica_wait_defaults_to_a_bound_but_waits_for_a_cold_start_from_ze
     assert _spec(limits={"replica_wait_s": None}).effective_replica_wait_s() is None
     with pytest.raises(ValueError):
         _spec(limits={"replica_wait_s": 0})
+
+
+def test_running_counts_reads_the_controller_document():
+    """Replica states as the controller hands them (enums) or as the REST API's JSON has them."""
+    class State:
+        def __init__(self, value):
+            self.value = value
+
+    details = {"applications": {
+        "a": {"deployments": {
+            "m": {"replicas": [{"state": State("RUNNING")}, {"state": "RUNNING"}, {"state": "STARTING"}]},
+            "ingress": {"replicas": [{"state": "STOPPING"}]},
+            "new": {"replicas": []}}},
+        "b": {"deployments": {}}}}
+    assert running_counts(details) == {("a", "m"): 2, ("a", "ingress"): 0, ("a", "new"): 0}
+    assert running_counts({}) == {} and running_counts({"applications": None}) == {}
