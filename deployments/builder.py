@@ -65,7 +65,7 @@ def model_deployment_options(spec: ModelSpec, plan: ParallelPlan, callers: int =
         if a.policy == "queue_depth":
             autoscaling["policy"] = {
                 "policy_function": "app.autoscaling:QueueDepthPolicy",
-                "policy_kwargs": {"items_per_replica": float(spec.min_ongoing_requests),
+                "policy_kwargs": {"items_per_replica": spec.autoscale_items_per_replica(),
                                   "target_queue_wait_ms": a.target_queue_wait_ms},
             }
         options["autoscaling_config"] = autoscaling

@@ -160,6 +160,14 @@ class ModelSpec(_Strict):
             return self.deployment.max_ongoing_requests
         return max(self.min_ongoing_requests * 2, 8)
 
+    def autoscale_items_per_replica(self) -> float:
+        """Items in a replica at which the queue-depth policy counts it full (app/autoscaling.py): one
+        batch, or 3/4 of its slots where it holds less than 4/3 of a batch. The ingress holds what
+        a replica's slots cannot (deployments/slot_gate.py), where the policy does not see it, so a
+        replica whose slots hold only its batch would never look fuller than one batch and never
+        be scaled out by its queue."""
+        return min(float(self.min_ongoing_requests), 0.75 * self.effective_max_ongoing_requests())
+
     def bulk_max_ongoing_requests(self) -> int:
         """Bulk requests one replica holds: below max_ongoing_requests, so realtime always gets in."""
         bound = self.traffic.bulk.max_ongoing_requests

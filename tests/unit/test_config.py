@@ -105,6 +105,28 @@ def test_default_max_ongoing_lets_batches_fill():
     assert opts["user_config"]["max_batch_size"] == 48
 
 
+def test_queue_depth_policy_counts_a_replica_full_before_its_slots_are():
+    """The policy's items per replica: one batch while the replica holds two (the default), 3/4 of
+    its slots when they hold only its batch, or it would never look fuller than one replica's worth
+    while the rest waits at the ingress."""
+    from app.autoscaling import decide, QueueSignal
+    from app.planner import plan_model
+
+    def items(max_ongoing=None) -> float:
+        deployment = {} if max_ongoing is None else {"max_ongoing_requests": max_ongoing}
+        spec = parse_app_args({"models": [tiny_bert_spec(
+            batching={"max_batch_size": 8}, deployment=deployment,
+            autoscaling={"enabled": True, "policy": "queue_depth", "max_replicas": 2})]}).models[0]
+        opts = model_deployment_options(spec, plan_model(spec))
+        return opts["autoscaling_config"]["policy"]["policy_kwargs"]["items_per_replica"]
+
+    assert items() == 8.0 and items(max_ongoing=32) == 8.0
+    assert items(max_ongoing=8) == 6.0
+    # One replica whose 8 slots stay full asks for a second.
+    assert decide(QueueSignal(1, [8.0], [0.0]), items(max_ongoing=8), 100.0)[0] == 2
+    assert decide(QueueSignal(1, [8.0], [0.0]), 8.0, 100.0)[0] == 1  # what counting one batch did
+
+
 def test_build_app_refuses_bad_args_naming_the_field():
     with pytest.raises(ConfigError, match=r"models\[0\]\.task"):
         build_app({"models": [tiny_bert_spec(task="translate")]})
