@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any, Optional
 
@@ -81,11 +80,10 @@ def controller_details() -> Optional[dict[str, Any]]:
     """The controller's status document as plain data (the shape of Serve's REST API,
     ServeInstanceDetails), or None where this Ray cannot give it. `serve.status()` validates the
     same document into pydantic models, and that re-pickles every deployment's request router
-    class: ~40 ms of CPU per call on 2 cores, holding the GIL, so the ingress's event loop answered
-    nothing for that long once a second (docs/performance.md, session 31). The plain document costs
-    ~1 ms. The client call is Serve's private API (Ray 2.60, pinned); without it, serve.status()."""
-    if os.environ.get("BATCHSERVE_CENSUS") == "status":  # TEMPORARY: session 31's A/B lever
-        return None
+    class: ~40 ms of GIL-holding CPU per call on 2 cores, which the ingress's event loop had to share
+    once a second. The plain document costs ~1 ms; with it, half load's time before the model replica
+    fell from p99 25-37 ms to 9-10 ms on 16 cores (docs/performance.md, session 31). The client call
+    is Serve's private API (Ray 2.60, pinned); a Ray without it gets serve.status()."""
     try:
         from ray.serve.context import _get_global_client
     except ImportError:
