@@ -63,36 +63,24 @@ class ReplicaCensus:
     @staticmethod
     def read() -> dict[tuple[str, str], int]:
         try:
-            details = controller_details()
-            if details is not None:
-                return running_counts(details)
-            from ray import serve
-
-            status = serve.status()
+            return running_counts(controller_details())
         except Exception as e:  # noqa: BLE001 - an unreadable controller counts as no replica
             logger.warning("replica census: the controller's status failed: %r", e)
             return {}
-        return {(a, d): int(sum(n for state, n in ds.replica_states.items() if _state(state) == "RUNNING"))
-                for a, app in status.applications.items() for d, ds in app.deployments.items()}
 
 
-def controller_details() -> Optional[dict[str, Any]]:
+def controller_details() -> dict[str, Any]:
     """The controller's status document as plain data (the shape of Serve's REST API,
-    ServeInstanceDetails), or None where this Ray cannot give it. `serve.status()` validates the
-    same document into pydantic models, and that re-pickles every deployment's request router
-    class: ~40 ms of GIL-holding CPU per call on 2 cores, which the ingress's event loop had to share
-    once a second. The plain document costs ~1 ms; with it, half load's time before the model replica
-    fell from p99 25-37 ms to 9-10 ms on 16 cores (docs/performance.md, session 31). The client call
-    is Serve's private API (Ray 2.60, pinned); a Ray without it gets serve.status()."""
-    try:
-        from ray.serve.context import _get_global_client
-    except ImportError:
-        return None
+    ServeInstanceDetails); {} without a controller. `serve.status()` validates the same document
+    into pydantic models, and that re-pickles every deployment's request router class: ~40 ms of
+    GIL-holding CPU per call on 2 cores, which the ingress's event loop had to share once a second.
+    The plain document costs ~1 ms; with it, half load's time before the model replica fell from
+    p99 25-37 ms to 9-10 ms on 16 cores (docs/performance.md, session 31). The client call is
+    Serve's private API, as of the pinned Ray 2.60."""
+    from ray.serve.context import _get_global_client
+
     client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return {}  # no controller: no replica
-    get = getattr(client, "get_serve_details", None)
-    return get() if get is not None else None
+    return {} if client is None else client.get_serve_details()
 
 
 def running_counts(details: dict[str, Any]) -> dict[tuple[str, str], int]:
