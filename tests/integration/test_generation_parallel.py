@@ -146,9 +146,12 @@ def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url, g
     streams: list[tuple[float, float, str]] = []  # (start, end, how it ended)
     killed_at: list[float] = []
 
-    async def one(c, i) -> str:
+    chunks: dict[int, int] = {}  # client -> chunks its open stream has received
+
+    async def one(c, k, i) -> str:
+        chunks[k] = 0
         try:
-            async with c.stream("POST", "/v1/completions", json={"model": gang, "prompt": f"long story {i}",
+            async with c.stream("POST", "/v1/completions", json={"model": gang, "prompt": f"long story {k}.{i}",
                                                                  "max_tokens": 60, "stream": True}) as r:
                 if r.status_code != 200:
                     return f"status {r.status_code}"
@@ -157,15 +160,18 @@ def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url, g
                         return "error event"
                     if line == "data: [DONE]":
                         return "done"
+                    chunks[k] += line.startswith("data:")
                 return "closed"
         except httpx.HTTPError as e:
             return type(e).__name__
+        finally:
+            del chunks[k]
 
     async def client(c, k, until):
         i = 0
         while time.monotonic() < until():
             t0 = time.monotonic()
-            how = await one(c, f"{k}.{i}")
+            how = await one(c, k, i)
             streams.append((t0, time.monotonic(), how))
             i += 1
             if how != "done":
@@ -176,6 +182,11 @@ def test_a_killed_rank_ends_every_stream_at_once_and_the_gang_is_replaced(url, g
             stop = [time.monotonic() + 3600]
             tasks = [asyncio.create_task(client(c, k, lambda: stop[0])) for k in range(6)]
             await asyncio.sleep(2.0)
+            # Kill mid-stream: once a stream is well past its first tokens and far from its 60th (a
+            # kill at a fixed time could land as every stream was sending its last token).
+            deadline = time.monotonic() + 30
+            while not any(5 <= n <= 30 for n in chunks.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             os.kill(victim, signal.SIGKILL)
             killed_at.append(time.monotonic())
             stop[0] = killed_at[0] + 15  # into the replacement gap: the old gang gone, the new one loading
