@@ -53,6 +53,10 @@ class InferenceResult:
     gathered: int = 0  # requests in the ingress's merged call that carried this one (0: not merged)
     link: str = ""  # with gather.transport direct: how the call went, "direct" or "handle" (the fallback)
     batch_id: str = ""  # the device batch it ran in (its last, for a request split over several)
+    # Set by the ingress's client (deployments/clients.py), not the model server: the wait for one of
+    # the ingress's model slots (slot gate), and the model call's round trip, queue and batch included.
+    admission_wait_ms: float = 0.0
+    call_ms: float = 0.0
 
     def timing_headers(self) -> dict[str, str]:
         headers = {
@@ -68,4 +72,7 @@ class InferenceResult:
             headers["X-Gathered"] = str(self.gathered)
         if self.link:
             headers["X-Link"] = self.link
+        if self.call_ms:
+            headers["X-Admission-Wait-Ms"] = f"{self.admission_wait_ms:.2f}"
+            headers["X-Model-Call-Ms"] = f"{self.call_ms:.2f}"
         return headers

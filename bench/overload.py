@@ -110,7 +110,7 @@ def summarize(results: list[list]) -> dict[str, Any]:
                 for sec, v in sorted(by_second.items())]
     # Where an accepted request's time went: at the model replica (its queue wait, the gather's,
     # and the batch: the timing headers) or before it (HTTP, ingress, the caller's handle queue).
-    split = [(lat, server_ms / 1e3) for _, s, lat, _, server_ms in results if s == 200 and server_ms is not None]
+    split = [(lat, server_ms / 1e3) for _, s, lat, _, server_ms, *_ in results if s == 200 and server_ms is not None]
     replica_s = [srv for _, srv in split]
     before_s = [max(0.0, lat - srv) for lat, srv in split]
     return {"requests": len(results), "counts": counts, "accepted": len(accepted), "rejected": len(rejected),
@@ -120,8 +120,34 @@ def summarize(results: list[list]) -> dict[str, Any]:
             "shed_503_retry_after": len(shed),
             "accepted_p50_ms": quantile_ms(accepted, 50), "accepted_p99_ms": quantile_ms(accepted, 99),
             "shed_p50_ms": quantile_ms(shed, 50), "shed_p99_ms": quantile_ms(shed, 99),
+            **ingress_split(results),
             "other_5xx": sum(1 for s in statuses if isinstance(s, int) and s >= 500 and s != 503),
             "hung": statuses.count(-1), "resets": statuses.count(0), "client_overflow": statuses.count("client_overflow")}
+
+
+def ingress_split(results: list[list]) -> dict[str, float]:
+    """Where the time before the replica went, from the ingress's timing headers (p50 / p99 ms):
+    outside the ingress's app (the client, HAProxy, the HTTP server and Serve's wrapper before it),
+    the wait for a model slot (slot gate), the hop to the replica and back (the model call less the
+    replica's queue and batch), and the ingress's own work (the rest: routing, parsing, encoding).
+    503s: outside and inside the ingress."""
+    parts: dict[str, list[float]] = {"outside": [], "admission": [], "hop": [], "ingress_own": [],
+                                     "shed_outside": [], "shed_ingress": []}
+    for _, s, lat, _, server_ms, *rest in results:
+        ingress = rest[0] if rest else None
+        if not ingress or ingress[0] is None:
+            continue
+        ingress_s = ingress[0] / 1e3
+        if s == 503:
+            parts["shed_outside"].append(max(0.0, lat - ingress_s))
+            parts["shed_ingress"].append(ingress_s)
+        elif s == 200 and server_ms is not None and None not in ingress:
+            admission_s, call_s = ingress[1] / 1e3, ingress[2] / 1e3
+            parts["outside"].append(max(0.0, lat - ingress_s))
+            parts["admission"].append(admission_s)
+            parts["hop"].append(max(0.0, call_s - server_ms / 1e3))
+            parts["ingress_own"].append(max(0.0, ingress_s - call_s - admission_s))
+    return {f"{name}_p{q}_ms": quantile_ms(v, q) for name, v in parts.items() if v for q in (50, 99)}
 
 
 def recovery_s(url: str, fast_s: float, timeout_s: float = 30.0, path: str = PATH, body: str = BODY) -> float:
@@ -197,6 +223,14 @@ def print_table(r: dict[str, Any]) -> None:
         if "replica_p99_ms" in s:
             print(f"{name}: at the model replica (queue + batch) p50 / p99 {s['replica_p50_ms']:.0f} / {s['replica_p99_ms']:.0f} ms; "
                   f"before it (HTTP, ingress, handle queue) {s['before_replica_p50_ms']:.0f} / {s['before_replica_p99_ms']:.0f} ms")
+        if "outside_p99_ms" in s:
+            print(f"{name}: of that, p50 / p99 ms: outside the ingress {s['outside_p50_ms']:.0f} / {s['outside_p99_ms']:.0f}, "
+                  f"waiting for a slot {s['admission_p50_ms']:.0f} / {s['admission_p99_ms']:.0f}, "
+                  f"hop to the replica and back {s['hop_p50_ms']:.0f} / {s['hop_p99_ms']:.0f}, "
+                  f"the ingress's own work {s['ingress_own_p50_ms']:.0f} / {s['ingress_own_p99_ms']:.0f}")
+        if "shed_outside_p99_ms" in s:
+            print(f"{name}: 503s, p50 / p99 ms: outside the ingress {s['shed_outside_p50_ms']:.0f} / "
+                  f"{s['shed_outside_p99_ms']:.0f}, in it {s['shed_ingress_p50_ms']:.0f} / {s['shed_ingress_p99_ms']:.0f}")
     ratio = t["accepted_p99_ms"] / h["accepted_p99_ms"] if h["accepted_p99_ms"] else float("nan")
     print(f"accepted p99 at {r['multiple']:g}x / at half load: {ratio:.2f}; recovered in {r['recovered_s']:.2f} s; "
           f"ingress replaced: {r['ingress_replaced']}")

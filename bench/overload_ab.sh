@@ -30,4 +30,17 @@ for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
     print(f"| {d.name} | {r['capacity_rps']:.0f} | {h['accepted_p99_ms']:.0f} | {t['accepted']} | {t['accepted_p50_ms']:.0f} / {t['accepted_p99_ms']:.0f} "
           f"| {t['replica_p99_ms']:.0f} | {t['before_replica_p99_ms']:.0f} | {share:.0%}, {t['shed_p99_ms']:.0f} | {t['other_5xx']} "
           f"| {t['accepted_p99_ms'] / h['accepted_p99_ms']:.2f} |")
+print("\nBefore the replica, p99 ms (the ingress's timing headers): half load / overload")
+print("| run | outside the ingress | waiting for a slot | hop to the replica and back | the ingress's own work | 503s: outside / in the ingress |")
+print("|---|---|---|---|---|---|")
+for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
+    f = d / "overload.json"
+    if not f.exists():
+        continue
+    r = json.loads(f.read_text()); h, t = r["half"], r["ten"]
+    if "outside_p99_ms" not in t:
+        continue
+    cell = lambda k: f"{h.get(k, float('nan')):.0f} / {t[k]:.0f}"
+    print(f"| {d.name} | {cell('outside_p99_ms')} | {cell('admission_p99_ms')} | {cell('hop_p99_ms')} | {cell('ingress_own_p99_ms')} "
+          f"| {t.get('shed_outside_p99_ms', float('nan')):.0f} / {t.get('shed_ingress_p99_ms', float('nan')):.0f} |")
 PY

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from dataclasses import replace
 from typing import Any, Optional, Protocol
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -71,12 +73,20 @@ class HandleClient:
         # Bulk requests keep Serve's queue: the model server bounds them on their own (traffic
         # classes), and they must not take the slots that realtime requests are admitted by.
         if self.gate is None or inputs.traffic_class != "realtime":
-            return await self._infer(inputs)
+            return await self._timed(inputs, 0.0)
+        t0 = time.perf_counter()
         await self.gate.enter()
         try:
-            return await self._infer(inputs)
+            return await self._timed(inputs, (time.perf_counter() - t0) * 1e3)
         finally:
             self.gate.exit()
+
+    async def _timed(self, inputs: ModelInput, admission_wait_ms: float) -> InferenceResult:
+        """The result, with this ingress's share of its time (X-Admission-Wait-Ms, X-Model-Call-Ms):
+        the call's round trip less the replica's queue and batch is the hop to the replica and back."""
+        t0 = time.perf_counter()
+        result = await self._infer(inputs)
+        return replace(result, admission_wait_ms=admission_wait_ms, call_ms=(time.perf_counter() - t0) * 1e3)
 
     async def _infer(self, inputs: ModelInput) -> InferenceResult:
         try:

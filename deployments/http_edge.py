@@ -37,6 +37,10 @@ class _Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # This replica's share of the latency (X-Ingress-Ms, README "Try it"): what a client
+                # measures beyond it was spent in the proxy, the network and the client itself.
+                took = f"{(time.perf_counter() - t0) * 1000.0:.2f}".encode()
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-ingress-ms", took)]}
             await send(message)
 
         try:

@@ -12,8 +12,9 @@ deadline, and the run stops by itself.
         --body '{"instances": ["hi"]}' --out result.json
     python -m tests.openloop --url http://127.0.0.1:8000/v2/health/live --closed 64 --duration 4 --out floor.json
 
-Writes one JSON document: per request [t_sent_s, status, latency_s, retry_after, server_ms] (status 0: reset,
--1: timeout), and the settings.
+Writes one JSON document: per request [t_sent_s, status, latency_s, retry_after, server_ms, ingress]
+(status 0: reset, -1: timeout; ingress: [ingress_ms, admission_wait_ms, model_call_ms] or null),
+and the settings.
 """
 
 from __future__ import annotations
@@ -43,9 +44,24 @@ def _server_ms(headers: dict[str, str]) -> float | None:
         return None
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str | None, bool, float | None]:
+_INGRESS_HEADERS = ("x-ingress-ms", "x-admission-wait-ms", "x-model-call-ms")
+
+
+def _ingress_ms(headers: dict[str, str]) -> list[float | None] | None:
+    """The ingress's timing headers: its whole share, the wait for a model slot and the model
+    call's round trip (ms; None each where absent), or None when the answer has none of them."""
+    values: list[float | None] = []
+    for name in _INGRESS_HEADERS:
+        try:
+            values.append(float(headers[name]))
+        except (KeyError, ValueError):
+            values.append(None)
+    return None if values == [None] * len(values) else values
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str | None, bool, float | None, list | None]:
     """Status, Retry-After header, whether the connection may be reused, and the server's timing
-    (`_server_ms`)."""
+    (`_server_ms`, `_ingress_ms`)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -64,9 +80,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str | None,
                 break
     else:
         await reader.read()
-        return status, headers.get("retry-after"), False, _server_ms(headers)
+        return status, headers.get("retry-after"), False, _server_ms(headers), _ingress_ms(headers)
     return (status, headers.get("retry-after"), headers.get("connection", "").lower() != "close",
-            _server_ms(headers))
+            _server_ms(headers), _ingress_ms(headers))
 
 
 async def run(url: str, rate: float, duration_s: float, body: bytes, max_connections: int,
@@ -78,7 +94,7 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
     results: list[list] = []
     in_flight = 0
 
-    async def exchange(conn) -> tuple[int, str | None, bool, float | None]:
+    async def exchange(conn) -> tuple[int, str | None, bool, float | None, list | None]:
         reader, writer = conn
         writer.write(payload)
         return await _read_response(reader)
@@ -97,7 +113,7 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
             if not reused:
                 conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
             try:
-                status, retry_after, reuse, server_ms = await asyncio.wait_for(exchange(conn), timeout_s)
+                status, retry_after, reuse, server_ms, ingress = await asyncio.wait_for(exchange(conn), timeout_s)
             except (ConnectionError, asyncio.IncompleteReadError) as e:
                 # An idle connection the server closed as we reused it: no byte of an answer came,
                 # so the request never ran; send it once on a new connection, as HTTP clients do
@@ -106,18 +122,18 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
                     raise
                 conn[1].close()
                 conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-                status, retry_after, reuse, server_ms = await asyncio.wait_for(exchange(conn), timeout_s)
-            results.append([t_sent, status, time.perf_counter() - t0, retry_after, server_ms])
+                status, retry_after, reuse, server_ms, ingress = await asyncio.wait_for(exchange(conn), timeout_s)
+            results.append([t_sent, status, time.perf_counter() - t0, retry_after, server_ms, ingress])
             if reuse:
                 idle.append(conn)
             else:
                 writer.close()
         except asyncio.TimeoutError:
-            results.append([t_sent, -1, time.perf_counter() - t0, None, None])
+            results.append([t_sent, -1, time.perf_counter() - t0, None, None, None])
             if conn is not None:
                 conn[1].close()
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-            results.append([t_sent, 0, time.perf_counter() - t0, None, None])
+            results.append([t_sent, 0, time.perf_counter() - t0, None, None, None])
             if conn is not None:
                 conn[1].close()
         finally:
@@ -134,7 +150,7 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
         if delay > 0:
             await asyncio.sleep(delay)
         if in_flight >= max_connections:
-            results.append([t - start, "client_overflow", 0.0, None, None])
+            results.append([t - start, "client_overflow", 0.0, None, None, None])
         else:
             in_flight += 1
             tasks.append(asyncio.create_task(one(t - start)))
@@ -159,8 +175,8 @@ async def closed(url: str, connections: int, duration_s: float, body: bytes | No
         try:
             while (t0 := time.perf_counter()) - start < duration_s:
                 writer.write(payload)
-                status, retry_after, reuse, server_ms = await _read_response(reader)
-                results.append([t0 - start, status, time.perf_counter() - t0, retry_after, server_ms])
+                status, retry_after, reuse, server_ms, ingress = await _read_response(reader)
+                results.append([t0 - start, status, time.perf_counter() - t0, retry_after, server_ms, ingress])
                 if not reuse:
                     writer.close()
                     reader, writer = await asyncio.open_connection(host, port)

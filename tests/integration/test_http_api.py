@@ -103,6 +103,18 @@ def test_request_id_echoed_or_assigned(client):
     assert r.status_code == 404 and r.headers.get("x-request-id")
 
 
+def test_timing_headers_split_a_request_s_latency(client):
+    r = client.post("/v1/models/minilm:predict", json={"instances": ["where did the time go"]})
+    assert r.status_code == 200
+    h = {k: float(r.headers[k]) for k in ("x-ingress-ms", "x-admission-wait-ms", "x-model-call-ms",
+                                          "x-queue-wait-ms", "x-batch-ms")}
+    # Nested durations from different processes' clocks: each part fits inside what holds it.
+    assert h["x-queue-wait-ms"] + h["x-batch-ms"] <= h["x-model-call-ms"] + 1.0, h
+    assert h["x-admission-wait-ms"] + h["x-model-call-ms"] <= h["x-ingress-ms"], h
+    missing = client.post("/v1/models/nope:predict", json={"instances": ["x"]})
+    assert missing.status_code == 404 and float(missing.headers["x-ingress-ms"]) >= 0
+
+
 @pytest.mark.parametrize(
     "path, body, status, fragment",
     [

@@ -49,3 +49,10 @@ def test_closed_loop_counts_every_answer():
     results = asyncio.run(go())
     assert len(results) > 20
     assert {status for _, status, *_ in results} == {200}
+
+
+def test_ingress_timing_headers_are_read_and_absent_ones_are_none():
+    assert openloop._ingress_ms({"x-ingress-ms": "12.5", "x-admission-wait-ms": "3.0", "x-model-call-ms": "8.25"}) \
+        == [12.5, 3.0, 8.25]
+    assert openloop._ingress_ms({"x-ingress-ms": "0.40"}) == [0.4, None, None]  # a 503: no model call
+    assert openloop._ingress_ms({"content-length": "2"}) is None
