@@ -53,6 +53,13 @@ def _clients(args_per_process: list[list[str]], outs: list[Path], timeout_s: flo
     return [row for out in outs for row in json.loads(out.read_text())["results"]]
 
 
+def client_lag_p99_ms(outs: list[Path]) -> float | None:
+    """The worst load process's p99 arrival lateness (its own event loop's lag, which its measured
+    latencies carry too), from the files `_clients` read; None where the clients did not say."""
+    lags = [json.loads(out.read_text()).get("arrival_lateness_p99_ms") for out in outs]
+    return max((lag for lag in lags if lag is not None), default=None)
+
+
 async def closed_loop(url: str, path: str, body: str | bytes, seconds: float, concurrency: int,
                       until: Callable[[], bool] | None = None, retry_after_s: float = 0.0) -> dict[int, int]:
     """The statuses (counted) that `concurrency` clients got posting `body` (JSON) to `path` back
@@ -84,12 +91,14 @@ async def closed_loop_rate(url: str, path: str, body: str | bytes, seconds: floa
 
 
 def open_loop(url: str, rate: float, seconds: float, workdir: Path, generators: int = 1,
-              timeout_s: float = 30.0, path: str = PATH, body: str = BODY) -> list[list]:
-    """Open-loop arrivals at `rate`, from `generators` processes of rate/generators each."""
+              timeout_s: float = 30.0, path: str = PATH, body: str = BODY) -> tuple[list[list], float | None]:
+    """Open-loop arrivals at `rate`, from `generators` processes of rate/generators each: their
+    result rows, and the worst process's p99 lag (client_lag_p99_ms)."""
     args = ["--url", url + path, "--rate", str(rate / generators), "--duration", str(seconds), "--body", body,
             "--timeout", str(timeout_s)]
     outs = [workdir / f"openloop_{rate:.0f}_{i}.json" for i in range(generators)]
-    return _clients([args] * generators, outs, seconds + timeout_s + 60)
+    rows = _clients([args] * generators, outs, seconds + timeout_s + 60)
+    return rows, client_lag_p99_ms(outs)
 
 
 def summarize(results: list[list]) -> dict[str, Any]:
@@ -184,8 +193,10 @@ def capacity_rps(url: str, clients: int = 16) -> float:
 
 def measure(url: str, workdir: Path, capacity: float, generators: int = 1, multiple: float = 10.0) -> dict[str, Any]:
     """The protocol after the capacity: half load for 10 s, `multiple` x capacity for 20 s, recovery."""
-    half = summarize(open_loop(url, capacity / 2, 10.0, workdir, generators))
-    ten = summarize(open_loop(url, multiple * capacity, 20.0, workdir, generators))
+    half_rows, half_lag = open_loop(url, capacity / 2, 10.0, workdir, generators)
+    ten_rows, ten_lag = open_loop(url, multiple * capacity, 20.0, workdir, generators)
+    half, ten = summarize(half_rows), summarize(ten_rows)
+    half["client_lag_p99_ms"], ten["client_lag_p99_ms"] = half_lag, ten_lag
     fast_s = max(1.0, 3 * half["accepted_p99_ms"] / 1e3)
     return {"capacity_rps": capacity, "multiple": multiple, "offered_10x_rps": multiple * capacity, "half": half,
             "ten": ten, "recovered_s": recovery_s(url, fast_s)}
@@ -228,6 +239,8 @@ def print_table(r: dict[str, Any]) -> None:
                   f"waiting for a slot {s['admission_p50_ms']:.0f} / {s['admission_p99_ms']:.0f}, "
                   f"hop to the replica and back {s['hop_p50_ms']:.0f} / {s['hop_p99_ms']:.0f}, "
                   f"the ingress's own work {s['ingress_own_p50_ms']:.0f} / {s['ingress_own_p99_ms']:.0f}")
+        if s.get("client_lag_p99_ms") is not None:
+            print(f"{name}: the load processes' own lag (arrival lateness), worst p99 {s['client_lag_p99_ms']:.1f} ms")
         if "shed_outside_p99_ms" in s:
             print(f"{name}: 503s, p50 / p99 ms: outside the ingress {s['shed_outside_p50_ms']:.0f} / "
                   f"{s['shed_outside_p99_ms']:.0f}, in it {s['shed_ingress_p50_ms']:.0f} / {s['shed_ingress_p99_ms']:.0f}")

@@ -31,8 +31,8 @@ for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
           f"| {t['replica_p99_ms']:.0f} | {t['before_replica_p99_ms']:.0f} | {share:.0%}, {t['shed_p99_ms']:.0f} | {t['other_5xx']} "
           f"| {t['accepted_p99_ms'] / h['accepted_p99_ms']:.2f} |")
 print("\nBefore the replica, p99 ms (the ingress's timing headers): half load / overload")
-print("| run | outside the ingress | waiting for a slot | hop to the replica and back | the ingress's own work | 503s: outside / in the ingress |")
-print("|---|---|---|---|---|---|")
+print("| run | outside the ingress | waiting for a slot | hop to the replica and back | the ingress's own work | 503s: outside / in the ingress | load processes' lag |")
+print("|---|---|---|---|---|---|---|")
 for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
     f = d / "overload.json"
     if not f.exists():
@@ -42,5 +42,6 @@ for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
         continue
     cell = lambda k: f"{h.get(k, float('nan')):.0f} / {t[k]:.0f}"
     print(f"| {d.name} | {cell('outside_p99_ms')} | {cell('admission_p99_ms')} | {cell('hop_p99_ms')} | {cell('ingress_own_p99_ms')} "
-          f"| {t.get('shed_outside_p99_ms', float('nan')):.0f} / {t.get('shed_ingress_p99_ms', float('nan')):.0f} |")
+          f"| {t.get('shed_outside_p99_ms', float('nan')):.0f} / {t.get('shed_ingress_p99_ms', float('nan')):.0f} "
+          f"| {h.get('client_lag_p99_ms') or float('nan'):.1f} / {t.get('client_lag_p99_ms') or float('nan'):.1f} |")
 PY

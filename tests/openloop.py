@@ -86,7 +86,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str | None,
 
 
 async def run(url: str, rate: float, duration_s: float, body: bytes, max_connections: int,
-              timeout_s: float) -> list[list]:
+              timeout_s: float, lateness_s: list[float] | None = None) -> list[list]:
+    """The open loop; `lateness_s`, when given, gets how late each arrival left against its schedule:
+    this client's own event-loop lag, which every latency it measures also carries."""
     parts = urlsplit(url)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path
     payload = _request_bytes(host, port, path, body)
@@ -149,6 +151,8 @@ async def run(url: str, rate: float, duration_s: float, body: bytes, max_connect
         delay = t - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if lateness_s is not None:
+            lateness_s.append(max(0.0, time.perf_counter() - t))
         if in_flight >= max_connections:
             results.append([t - start, "client_overflow", 0.0, None, None, None])
         else:
@@ -206,12 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     if (a.rate is None) == (a.closed is None):
         p.error("give exactly one of --rate and --closed")
     body = None if a.body is None else a.body.encode()
+    lateness: list[float] = []
     if a.closed:
         results = asyncio.run(closed(a.url, a.closed, a.duration, body))
     else:
-        results = asyncio.run(run(a.url, a.rate, a.duration, body, a.max_connections, a.timeout))
+        results = asyncio.run(run(a.url, a.rate, a.duration, body, a.max_connections, a.timeout, lateness))
+    lateness.sort()
+    lag = {f"arrival_lateness_p{q}_ms": lateness[min(len(lateness) - 1, int(len(lateness) * q / 100))] * 1e3
+           for q in (50, 99)} if lateness else {}
     with open(a.out, "w") as f:
-        json.dump({"rate": a.rate, "duration_s": a.duration, "results": results}, f)
+        json.dump({"rate": a.rate, "duration_s": a.duration, **lag, "results": results}, f)
     return 0
 
 
