@@ -273,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="experiment: an env var of the application's runtime_env, read by every replica "
                         "(Serve's RAY_SERVE_* constants; the router's backoff is set by the builder's "
                         "request_router_config, which this does not override); repeatable")
+    p.add_argument("--haproxy-balance", help="experiment: HAProxy's balance algorithm over the ingress replicas "
+                                             "(RAY_SERVE_HAPROXY_BALANCE_ALGORITHM, Serve's default leastconn)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
+    if a.haproxy_balance:  # read where Serve starts HAProxy, in the cluster this process starts
+        os.environ["RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"] = a.haproxy_balance
 
     config = yaml.safe_load(Path(a.config).read_text())
     if a.tokenizer:
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = {"generators": a.generators, "cpus": os.cpu_count(), "ingress_replicas": a.ingress_replicas or 1,
                   "max_queue_wait_ms": a.max_queue_wait_ms, "max_ongoing": a.max_ongoing, "max_queued": a.max_queued,
-                  "backend": a.backend, "env": a.env, "slot_gate": a.slot_gate,
+                  "backend": a.backend, "env": a.env, "slot_gate": a.slot_gate, "haproxy_balance": a.haproxy_balance,
                   "http_floor_rps": http_floor(url, Path(tmp), a.generators)}
         result.update(measure(url, Path(tmp), capacity_rps(url), a.generators, a.multiple))
     result["ingress_replaced"] = processes_titled("ServeReplica:batchserve:Ingress") != ingress_before
