@@ -4,7 +4,8 @@
 runs it against `serve_config.yaml` on the machine it is started on, so the figure can be taken
 where the load generator does not have to share the server's two cores.
 
-    RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 python -m bench.overload \
+    RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=roundrobin \
+        python -m bench.overload \
         [--config serve_config.yaml] [--tokenizer DIR] [--generators 2] [--out DIR]
 
 --tokenizer DIR serves minilm as random weights of the same shape (MiniLM-L6: hidden 384, 6 layers)

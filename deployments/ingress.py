@@ -61,7 +61,8 @@ class Ingress(GenerationRoutes):
                                                None if context is None or not one_shot else
                                                SlotGate(h.app_name, h.deployment_name,
                                                         specs[v].effective_max_ongoing_requests(), context.deployment,
-                                                        specs[v].slot_queue_bound(args.ingress.num_replicas)))
+                                                        specs[v].slot_queue_bound(args.ingress.num_replicas),
+                                                        ingress_replica_id=context.replica_id.unique_id))
                              for v, h in versions.items()}
         self.generators = {n: next(iter(vs.values())) for n, vs in handles.items() if args.model(n).task == "generate"}
         self._setup(args, clients, vocab_sizes)

@@ -29,23 +29,27 @@ class ReplicaCensus:
     def __init__(self, max_age_s: float = _CENSUS_MAX_AGE_S):
         self.max_age_s = max_age_s
         self._read_at = float("-inf")
-        self._counts: dict[tuple[str, str], int] = {}
+        self._running: dict[tuple[str, str], list[str]] = {}  # sorted replica ids
         self._pending: Optional[asyncio.Future] = None
 
     async def running(self, app: str, deployment: str) -> int:
         """The count, read again first when the last read is older than max_age_s."""
         if self._stale():
             await asyncio.shield(self._refresh())
-        return self._counts.get((app, deployment), 0)
+        return len(self._running.get((app, deployment), ()))
 
     async def running_now(self, app: str, deployment: str) -> int:
         """The last read's count without waiting for the controller (only the very first read is
         awaited); a stale one is read again in the background. For every request's path."""
+        return len(await self.running_ids_now(app, deployment))
+
+    async def running_ids_now(self, app: str, deployment: str) -> list[str]:
+        """The last read's RUNNING replica ids, sorted, as running_now reads them."""
         if self._read_at == float("-inf"):
             await asyncio.shield(self._refresh())
         elif self._stale():
             self._refresh()
-        return self._counts.get((app, deployment), 0)
+        return self._running.get((app, deployment), [])
 
     def _stale(self) -> bool:
         return time.monotonic() - self._read_at > self.max_age_s
@@ -57,13 +61,13 @@ class ReplicaCensus:
         return self._pending
 
     async def _read_async(self) -> None:
-        counts = await asyncio.to_thread(self.read)
-        self._counts, self._read_at = counts, time.monotonic()
+        running = await asyncio.to_thread(self.read)
+        self._running, self._read_at = running, time.monotonic()
 
     @staticmethod
-    def read() -> dict[tuple[str, str], int]:
+    def read() -> dict[tuple[str, str], list[str]]:
         try:
-            return running_counts(controller_details())
+            return running_replicas(controller_details())
         except Exception as e:  # noqa: BLE001 - an unreadable controller counts as no replica
             logger.warning("replica census: the controller's status failed: %r", e)
             return {}
@@ -83,9 +87,11 @@ def controller_details() -> dict[str, Any]:
     return {} if client is None else client.get_serve_details()
 
 
-def running_counts(details: dict[str, Any]) -> dict[tuple[str, str], int]:
-    """RUNNING replicas per (application, deployment) in a controller_details() document."""
-    return {(a, d): sum(1 for r in dep.get("replicas") or () if _state(r.get("state")) == "RUNNING")
+def running_replicas(details: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+    """The ids of the RUNNING replicas per (application, deployment), sorted, in a
+    controller_details() document."""
+    return {(a, d): sorted(str(r.get("replica_id")) for r in dep.get("replicas") or ()
+                           if _state(r.get("state")) == "RUNNING")
             for a, app in (details.get("applications") or {}).items()
             for d, dep in (app.get("deployments") or {}).items()}
 

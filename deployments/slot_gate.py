@@ -5,7 +5,7 @@ At overload an accepted request's tail sits before the model replica (docs/perfo
 frees a slot, newer requests win some of those rounds, and several ingress replicas race for each
 freed slot. Here each ingress replica keeps its requests in flight to a model version at its share
 of the slots that the version's RUNNING replicas have (`max_ongoing_requests` each), so a request it
-sends finds a free slot (all but the few that rounding the shares up adds: share_of_slots). Requests
+sends finds a free slot (the shares add up to the slots: share_of_slots). Requests
 past the share wait here in arrival order, at most `queue_bound` of them (ModelSpec.slot_queue_bound:
 one batch over all ingress replicas, so a burst is served by the next batch), and each takes the
 slot of a request that finishes; past that they answer 503 + Retry-After at once. Replica counts
@@ -20,6 +20,13 @@ instead of holding its place. In a standing overload the queue would otherwise a
 to every accepted request: on one 16-core host at 10x, accepted p99 273 ms (3.6-4.7x the half-load
 p99) with the plain queue against 178-231 ms (2.1-3.3x) with this, same machine (docs/performance.md,
 session 29).
+
+Each ingress replica sees only its own arrivals, so the rule needs each to get its part of them:
+HAProxy's `roundrobin` (RAY_SERVE_HAPROXY_BALANCE_ALGORITHM, set where Ray starts; README
+"Admission"). Serve's default, `leastconn`, sends new arrivals away from the ingress whose queue
+is full, so that queue stops overflowing and its requests wait a whole batch there: with the shares
+dealt out exactly, accepted p99 509-670 ms under leastconn against 394-437 ms under roundrobin
+(docs/performance.md, session 32).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ OVERLOAD_MEMORY_S = 1.0  # overload mode lasts this long after the queue last ov
 # gate alone past the share; a negative value: never, the queue's wait is unbounded as before).
 OVERLOAD_WAIT_ENV = "BATCHSERVE_SLOT_GATE_OVERLOAD_WAIT_MS"
 DEFAULT_OVERLOAD_WAIT_S = 0.02
+# The benchmark's lever for the shares before session 33: "1" rounds every share up (ignores the rank).
+SHARES_ROUNDED_UP_ENV = "BATCHSERVE_SLOT_SHARES_ROUNDED_UP"
 _FROM_ENV = object()
 
 
@@ -51,21 +60,33 @@ def overload_wait_s(environ=os.environ) -> Optional[float]:
     return None if ms < 0 else ms / 1000.0
 
 
-def share_of_slots(model_replicas: int, slots_per_replica: int, ingress_replicas: int) -> int:
-    """One ingress replica's share of the model's slots, rounded up (at least 1) so that a model
-    with fewer slots than ingress replicas still takes requests from each of them. Together the
-    shares may exceed the slots by less than one per ingress replica; those few wait in Serve's handle
-    queue and fill the next batch at once. Rounded down instead (3 ingress replicas over 16 slots:
-    15, not 18), 16 cores at 10x accepted ~10 % fewer requests with no shorter tail
-    (docs/performance.md, session 30)."""
-    return max(1, math.ceil(model_replicas * slots_per_replica / max(1, ingress_replicas)))
+def share_of_slots(model_replicas: int, slots_per_replica: int, ingress_replicas: int,
+                   rank: Optional[int] = None) -> int:
+    """One ingress replica's share of the model's slots, at least 1 so that a model with fewer slots
+    than ingress replicas still takes requests from each of them.
+
+    `rank` is this ingress replica's place among the RUNNING ingress replicas (sorted by replica id):
+    the slots are dealt out whole, the first `slots % ingress_replicas` getting one more, so the
+    shares add up to the slots exactly (3 ingress replicas over 16 slots: 6, 5, 5). Shares rounded
+    up (6, 6, 6) keep more requests in flight than the replicas hold: a replica turns the extra ones
+    away and each waits in Serve's router for a slot, about a batch, where the gate's overload rule
+    cannot see it (on 16 cores at 10x: the hop to the replica and back p99 45 ms with 2 over, 69 ms
+    with 3 over, 5 ms at half load). Rounded down (5, 5, 5) the replica runs batches of 7 and 8 in
+    turn and ~10 % fewer requests are served (docs/performance.md, sessions 30 and 32). Without a
+    rank (this replica not RUNNING in the census yet): rounded up."""
+    total, n = model_replicas * slots_per_replica, max(1, ingress_replicas)
+    if rank is None or not 0 <= rank < n:
+        return max(1, math.ceil(total / n))
+    return max(1, total // n + (1 if rank < total % n else 0))
 
 
 class SlotGate:
     def __init__(self, app: str, deployment: str, slots_per_replica: int, ingress_deployment: str,
                  queue_bound: int, census: ReplicaCensus = CENSUS, overload_wait: Any = _FROM_ENV,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, ingress_replica_id: Optional[str] = None):
         self.app, self.deployment, self.ingress_deployment = app, deployment, ingress_deployment
+        # This ingress replica's id: its rank among them (none, and every share is rounded up).
+        self.ingress_replica_id = None if os.environ.get(SHARES_ROUNDED_UP_ENV) == "1" else ingress_replica_id
         self.slots_per_replica = slots_per_replica
         self.queue_bound = queue_bound
         self.census = census
@@ -84,8 +105,9 @@ class SlotGate:
         replicas = await self.census.running_now(self.app, self.deployment)
         if replicas == 0:
             return None
-        ingresses = await self.census.running_now(self.app, self.ingress_deployment)
-        return share_of_slots(replicas, self.slots_per_replica, ingresses)
+        ingresses = await self.census.running_ids_now(self.app, self.ingress_deployment)
+        rank = ingresses.index(self.ingress_replica_id) if self.ingress_replica_id in ingresses else None
+        return share_of_slots(replicas, self.slots_per_replica, len(ingresses), rank)
 
     @property
     def waiting(self) -> int:

@@ -41,7 +41,8 @@ WORKER_GPUS = 2  # logical GPUs on each worker node (no CUDA needed: they are sc
 # The README's first command runs Serve with HAProxy in front of direct-ingress replicas (Serve's
 # fast HTTP path, README "Admission"). BATCHSERVE_TEST_HAPROXY=1 runs the test cluster that way too
 # (the overload tests need it: `-m slow`); by default it runs Serve's Python proxy.
-SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+             "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "roundrobin"}
 HAPROXY = os.environ.get("BATCHSERVE_TEST_HAPROXY") == "1"
 
 

@@ -171,7 +171,7 @@ def test_replica_killed_under_load_is_replaced_and_nothing_hangs(fragile_url):
           f"replaced within {recovered_s:.1f} s of the kill")
     assert "hang" not in outcomes
     # The ingress's census (the plain controller document, not serve.status()) counts the same.
-    assert ReplicaCensus.read()[("fragile", MODEL)] == running(MODEL) == 2
+    assert len(ReplicaCensus.read()[("fragile", MODEL)]) == running(MODEL) == 2
     assert all(isinstance(o, tuple) and o[0] >= 500 and o[1] for o in errors)  # clear 5xx, not silence
     # Inference is idempotent, so a request whose replica died is retried once on another one.
     assert outcomes.count(200) >= 0.98 * len(outcomes)

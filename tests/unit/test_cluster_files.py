@@ -45,6 +45,19 @@ def test_cluster_launcher_distributes_the_auth_token():
     assert all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in doc["head_start_ray_commands"] if "ray start" in c)
 
 
+def test_every_cluster_file_that_starts_haproxy_spreads_arrivals_round_robin():
+    """The slot gate's overload rule needs each ingress replica to get its part of the arrivals
+    (deployments/slot_gate.py); Serve's default leastconn starves a full ingress of them."""
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in launcher[key]
+              if "ray start" in c]
+    assert starts and all("RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=roundrobin" in c for c in starts)
+    service = (ROOT / "cluster" / "rayservice.yaml").read_text()
+    assert "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM\n              value: roundrobin" in service
+    first_command = (ROOT / "README.md").read_text().split("```")[1]
+    assert "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=roundrobin" in first_command.splitlines()[1]
+
+
 def test_cluster_launcher_yaml_parses_with_cpu_head_and_gpu_workers():
     doc = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
     types = doc["available_node_types"]

@@ -10,7 +10,7 @@ import pytest
 
 from app.config import ModelSpec
 from app.errors import ReplicaUnavailable
-from deployments.replica_wait import ReplicaCensus, placed, running_counts
+from deployments.replica_wait import ReplicaCensus, placed, running_replicas
 
 
 class _Response:
@@ -44,7 +44,7 @@ class _Census(ReplicaCensus):
 
     def read(self):
         self.reads += 1
-        return {("app", "m"): self.replicas}
+        return {("app", "m"): [f"r{i}" for i in range(self.replicas)]}
 
 
 def _placed(r: _Response, wait_s, census: _Census) -> float:
@@ -109,7 +109,7 @@ def test_the_replica_wait_defaults_to_a_bound_but_waits_for_a_cold_start_from_ze
         _spec(limits={"replica_wait_s": 0})
 
 
-def test_running_counts_reads_the_controller_document():
+def test_running_replicas_reads_the_controller_document():
     """Replica states as the controller hands them (enums) or as the REST API's JSON has them."""
     class State:
         def __init__(self, value):
@@ -117,9 +117,10 @@ def test_running_counts_reads_the_controller_document():
 
     details = {"applications": {
         "a": {"deployments": {
-            "m": {"replicas": [{"state": State("RUNNING")}, {"state": "RUNNING"}, {"state": "STARTING"}]},
-            "ingress": {"replicas": [{"state": "STOPPING"}]},
+            "m": {"replicas": [{"replica_id": "zq", "state": State("RUNNING")}, {"replica_id": "ab", "state": "RUNNING"},
+                               {"replica_id": "cd", "state": "STARTING"}]},
+            "ingress": {"replicas": [{"replica_id": "ef", "state": "STOPPING"}]},
             "new": {"replicas": []}}},
         "b": {"deployments": {}}}}
-    assert running_counts(details) == {("a", "m"): 2, ("a", "ingress"): 0, ("a", "new"): 0}
-    assert running_counts({}) == {} and running_counts({"applications": None}) == {}
+    assert running_replicas(details) == {("a", "m"): ["ab", "zq"], ("a", "ingress"): [], ("a", "new"): []}
+    assert running_replicas({}) == {} and running_replicas({"applications": None}) == {}

@@ -10,7 +10,8 @@ import pytest
 from app.config import ModelSpec
 from app.errors import Overloaded
 from deployments.replica_wait import ReplicaCensus
-from deployments.slot_gate import (DEFAULT_OVERLOAD_WAIT_S, OVERLOAD_MEMORY_S, OVERLOAD_WAIT_ENV, SlotGate,
+from deployments.slot_gate import (DEFAULT_OVERLOAD_WAIT_S, OVERLOAD_MEMORY_S, OVERLOAD_WAIT_ENV, SHARES_ROUNDED_UP_ENV,
+                                   SlotGate,
                                    overload_wait_s, share_of_slots)
 
 
@@ -20,13 +21,42 @@ class _Census(ReplicaCensus):
         self.counts = counts
 
     def read(self):
-        return dict(self.counts)
+        return {key: [f"r{i}" for i in range(n)] for key, n in self.counts.items()}
 
 
 @pytest.mark.parametrize("replicas, slots, ingresses, share", [
     (1, 16, 1, 16), (2, 16, 3, 11), (1, 16, 3, 6), (1, 2, 3, 1), (0, 16, 1, 1), (4, 16, 0, 64)])
-def test_an_ingress_share_is_its_part_of_the_slots_rounded_up_and_never_zero(replicas, slots, ingresses, share):
+def test_without_a_rank_an_ingress_share_is_its_part_of_the_slots_rounded_up_and_never_zero(replicas, slots,
+                                                                                           ingresses, share):
     assert share_of_slots(replicas, slots, ingresses) == share
+
+
+@pytest.mark.parametrize("replicas, slots, ingresses, shares", [
+    (1, 16, 3, [6, 5, 5]), (2, 16, 3, [11, 11, 10]), (1, 16, 4, [4, 4, 4, 4]), (2, 16, 5, [7, 7, 6, 6, 6]),
+    (1, 2, 3, [1, 1, 1])])
+def test_ranked_shares_deal_out_the_slots_whole_and_never_zero(replicas, slots, ingresses, shares):
+    dealt = [share_of_slots(replicas, slots, ingresses, rank) for rank in range(ingresses)]
+    assert dealt == shares
+    if replicas * slots >= ingresses:
+        assert sum(dealt) == replicas * slots
+    assert share_of_slots(replicas, slots, ingresses, ingresses) == max(shares)  # not among them: rounded up
+
+
+def test_a_gate_takes_the_share_of_its_rank_among_the_running_ingress_replicas():
+    census = _Census({("app", "m"): 1, ("app", "Ingress"): 3})  # 4 slots over 3 ingresses: 2, 1, 1
+
+    async def shares():
+        return [await SlotGate("app", "m", 4, "Ingress", 0, census, ingress_replica_id=rid).bound()
+                for rid in ("r0", "r1", "r2", "starting")]
+    assert asyncio.run(shares()) == [2, 1, 1, 2]
+
+
+def test_the_benchmark_lever_rounds_every_share_up(monkeypatch):
+    monkeypatch.setenv(SHARES_ROUNDED_UP_ENV, "1")
+    census = _Census({("app", "m"): 1, ("app", "Ingress"): 3})
+    shares = [asyncio.run(SlotGate("app", "m", 4, "Ingress", 0, census, ingress_replica_id=rid).bound())
+              for rid in ("r0", "r1", "r2")]
+    assert shares == [2, 2, 2]
 
 
 def _gate(census: _Census, queue: int, **kw) -> SlotGate:
