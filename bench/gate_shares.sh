@@ -3,7 +3,7 @@
 # README "Admission"): the shipped config with 3 ingress replicas (NI) and one minilm replica whose
 # batches are slowed by a 100 ms drill (BATCHSERVE_FAULTS batch_delay_s), so that two CPU cores are
 # not what limits it, offered 200 req/s open loop (about 3x) for 20 s. Each VARIANT is
-# NAME[:BALANCE[:KEY=VALUE]]: HAProxy's balance algorithm (default leastconn) and an env var of the
+# NAME[:BALANCE[:KEY=VALUE]]: HAProxy's balance algorithm (default roundrobin, as shipped) and an env var of the
 # application's runtime_env. Prints the accepted tail and where it waited (the timing headers).
 #   bash bench/gate_shares.sh "rr:roundrobin lc:leastconn rr:roundrobin"
 set -u
@@ -26,7 +26,7 @@ for m in app["args"]["models"]:
     m["autoscaling"], m["backend"] = {"enabled": False}, "torch"
 yaml.safe_dump(c, open(sys.argv[3], "w"))
 PY
-  (RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=${balance:-leastconn} RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 \
+  (RAY_SERVE_HAPROXY_BALANCE_ALGORITHM=${balance:-roundrobin} RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 \
     serve run "$out/$name.yaml" > "$out/$name.log" 2>&1 &)
   for _ in $(seq 1 90); do sleep 2; curl -sf -o /dev/null localhost:8000/v2/health/ready && break; done
   sleep 5
