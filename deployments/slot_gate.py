@@ -72,8 +72,8 @@ def share_of_slots(model_replicas: int, slots_per_replica: int, ingress_replicas
     away and each waits in Serve's router for a slot, about a batch, where the gate's overload rule
     cannot see it (on 16 cores at 10x: the hop to the replica and back p99 45 ms with 2 over, 69 ms
     with 3 over, 5 ms at half load). Rounded down (5, 5, 5) the replica runs batches of 7 and 8 in
-    turn and ~10 % fewer requests are served. Dealt out, the hop's p99 was 24-25 ms against 41 ms
-    rounded up in the same call, 16 cores at 10x (docs/performance.md, sessions 30, 32 and 33).
+    turn and ~10 % fewer requests are served. Dealt out, the hop's p99 was 22-30 ms against 40-51 ms
+    rounded up in the same calls, 16 cores at 10x (docs/performance.md, sessions 30 and 32-34).
     Without a rank (this replica not RUNNING in the census yet): rounded up."""
     total, n = model_replicas * slots_per_replica, max(1, ingress_replicas)
     if rank is None or not 0 <= rank < n:
