@@ -60,13 +60,12 @@ def test_ten_times_capacity_is_shed_with_503_at_once(base_url, tmp_path):
     assert ten["hung"] == 0 and ten["client_overflow"] == 0  # nothing hung, nothing piled up
     assert ten["other_5xx"] == 0
     assert ten["shed_503_retry_after"] >= 0.9 * ten["rejected"] and ten["rejected"] >= 0.5 * ten["requests"]
-    # The bounds for rejections and recovery. Accepted requests are held to 5x their
-    # half-load p99, a guard against regressions rather than the 3x: with admission by
-    # replica slots (shipped: its queue sheds requests waiting over 20 ms in a standing overload)
-    # 16 cores measured 2.10-3.28x, with the plain one-batch queue 2.66-4.72x, and Serve's handle
-    # queue alone 15-25x (docs/performance.md, sessions 13-29).
+    # The bounds. Accepted requests within 3x their half-load p99: the shipped gate (slot
+    # shares dealt out whole, HAProxy round-robin) measured 1.89-2.83x in 7 of 7 runs on 16 cores;
+    # shares rounded up 2.00-3.46x, the plain one-batch queue 2.66-4.72x, Serve's handle queue
+    # alone 15-25x (docs/performance.md, sessions 13-34).
     assert ten["shed_p99_ms"] < 100
-    assert ten["accepted_p99_ms"] < 5 * half["accepted_p99_ms"]
+    assert ten["accepted_p99_ms"] <= 3 * half["accepted_p99_ms"]
     assert r["recovered_s"] < 5.0
     assert replica_processes("Ingress") == ingress_before  # no health check failed: the same replicas serve
 
