@@ -62,8 +62,9 @@ def test_ten_times_capacity_is_shed_with_503_at_once(base_url, tmp_path):
     assert ten["shed_503_retry_after"] >= 0.9 * ten["rejected"] and ten["rejected"] >= 0.5 * ten["requests"]
     # The bounds. Accepted requests within 3x their half-load p99: the shipped gate (slot
     # shares dealt out whole, HAProxy round-robin) measured 1.89-2.83x in 7 of 7 runs of this protocol
-    # (bench.overload) on 16 cores with 3 ingress replicas; shares rounded up 2.00-3.46x, the plain one-batch queue 2.66-4.72x, Serve's handle queue
-    # alone 15-25x (docs/performance.md, sessions 13-34).
+    # (bench.overload) on 16 cores with 3 ingress replicas; shares rounded up 2.00-3.46x, the plain
+    # one-batch queue 2.66-4.72x, Serve's handle queue alone 15-25x (docs/performance.md, sessions
+    # 13-34).
     assert ten["shed_p99_ms"] < 100
     assert ten["accepted_p99_ms"] <= 3 * half["accepted_p99_ms"]
     assert r["recovered_s"] < 5.0
